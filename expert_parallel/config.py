@@ -1,0 +1,179 @@
+"""Configuration dataclasses for the MoE layer.
+
+``MoEConfig`` describes one mixture-of-experts layer: its sizes, its router, its
+capacity / drop policy and its auxiliary losses. Every field is validated in
+``__post_init__``; a bad value raises ``ValueError`` (or ``TypeError`` for a value of
+the wrong type) whose message names the field and the value, so that every rank fails
+identically and before any collective is issued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+ROUTERS = ("softmax_topk", "switch", "sigmoid_topk")
+DROP_POLICIES = ("position", "probs")
+ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, minimum: float, strict: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or (value <= minimum if strict else value < minimum):
+        op = ">" if strict else ">="
+        raise ValueError(f"{name} must be finite and {op} {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Configuration of one expert-parallel MoE layer."""
+
+    hidden_size: int
+    """Model dimension D of the tokens entering and leaving the layer."""
+
+    ffn_hidden_size: int
+    """Hidden dimension F of each expert MLP."""
+
+    num_experts: int
+    """Total number of experts E across the expert-parallel group."""
+
+    top_k: int = 2
+    """Experts per token K. Must be <= num_experts; the ``switch`` router needs 1."""
+
+    router: str = "softmax_topk"
+    """``softmax_topk`` (softmax over experts, then top-k), ``switch`` (top-1 of a
+    softmax, Switch Transformer), or ``sigmoid_topk`` (independent sigmoid scores with a
+    per-expert selection bias for aux-loss-free balancing, DeepSeek-V3 style)."""
+
+    capacity_factor: Optional[float] = None
+    """Training capacity factor. ``None`` = dropless (no expert ever drops a token);
+    otherwise each expert accepts at most
+    ``C = max(min_capacity, ceil(capacity_factor * T * top_k / num_experts))`` tokens
+    from each source rank holding T tokens."""
+
+    eval_capacity_factor: Optional[float] = None
+    """Capacity factor used in eval mode (``layer.eval()``). ``None`` = dropless."""
+
+    min_capacity: int = 4
+    """Lower bound on the per-expert, per-source-rank capacity."""
+
+    drop_policy: str = "position"
+    """Which (token, expert) pairs survive when an expert is over capacity:
+    ``position`` keeps every token's first choice before any token's second choice and,
+    within a choice, earlier tokens first (GShard priority); ``probs`` keeps the pairs
+    with the highest combine weights first (ties broken by position)."""
+
+    normalize_topk: bool = True
+    """Renormalise the K selected weights of each token to sum to 1. Ignored when
+    top_k == 1 (it would make every weight 1 and cut the router's gradient): ``switch``
+    and other top-1 routers weigh a token by its raw gate probability."""
+
+    aux_loss_coeff: float = 0.01
+    """Coefficient of the Switch/GShard load-balancing loss (0 disables it)."""
+
+    z_loss_coeff: float = 0.0
+    """Coefficient of the router z-loss ``mean(logsumexp(logits)^2)`` (0 disables)."""
+
+    router_jitter: float = 0.0
+    """Multiplicative jitter eps on router inputs in training:
+    ``x * U(1 - eps, 1 + eps)`` (Switch Transformer). 0 disables it."""
+
+    activation: str = "swiglu"
+    """Expert MLP: ``swiglu`` (``(silu(x W1) * x W3) W2``) or ``gelu`` (``gelu(x W1) W2``)."""
+
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of router and expert weights."""
+
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (``sigmoid_topk`` only): after each training forward the
+    selection bias moves by ``rate * sign(mean_load - load_e)``. 0 disables it."""
+
+    expert_backend: str = "auto"
+    """How the local experts are computed: ``loop`` (one GEMM per expert), ``bmm``
+    (padded batched GEMM), ``grouped_mm`` (``torch._grouped_mm``), or ``auto``."""
+
+    overlap_chunks: int = 1
+    """Split the dispatched tokens into this many chunks and pipeline all-to-all with
+    expert compute (1 = no overlap)."""
+
+    nonfinite_policy: str = "raise"
+    """What to do when router logits contain NaN/Inf: ``raise`` a ``FloatingPointError``
+    naming the layer, or ``count`` it in the stats and let the caller skip the step."""
+
+    def __post_init__(self) -> None:
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
+        _check_int("num_experts", self.num_experts, 1)
+        _check_int("top_k", self.top_k, 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        _check_choice("router", self.router, ROUTERS)
+        if self.router == "switch" and self.top_k != 1:
+            raise ValueError(f"top_k must be 1 for router='switch', got {self.top_k}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_float(name, value, 0.0, strict=True)
+        _check_int("min_capacity", self.min_capacity, 0)
+        _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        if not isinstance(self.normalize_topk, bool):
+            raise TypeError(f"normalize_topk must be a bool, got {self.normalize_topk!r}")
+        _check_float("aux_loss_coeff", self.aux_loss_coeff, 0.0, strict=False)
+        _check_float("z_loss_coeff", self.z_loss_coeff, 0.0, strict=False)
+        _check_float("router_jitter", self.router_jitter, 0.0, strict=False)
+        if self.router_jitter >= 1.0:
+            raise ValueError(f"router_jitter must be < 1, got {self.router_jitter!r}")
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_float("init_std", self.init_std, 0.0, strict=True)
+        _check_float("bias_update_rate", self.bias_update_rate, 0.0, strict=False)
+        if self.bias_update_rate > 0 and self.router != "sigmoid_topk":
+            raise ValueError(
+                "bias_update_rate > 0 needs router='sigmoid_topk', "
+                f"got router={self.router!r}"
+            )
+        _check_choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
+        _check_int("overlap_chunks", self.overlap_chunks, 1)
+        _check_choice("nonfinite_policy", self.nonfinite_policy, ("raise", "count"))
+
+    # ------------------------------------------------------------------ helpers
+    def capacity(self, num_tokens: int, training: bool) -> Optional[int]:
+        """Per-expert capacity for ``num_tokens`` local tokens, or None (dropless)."""
+        factor = self.capacity_factor if training else self.eval_capacity_factor
+        if factor is None:
+            return None
+        raw = math.ceil(factor * num_tokens * self.top_k / self.num_experts)
+        return max(self.min_capacity, raw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A stable hash of every field, used to check that all ranks agree."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "MoEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+__all__ = ["MoEConfig", "ROUTERS", "DROP_POLICIES", "ACTIVATIONS", "EXPERT_BACKENDS"]

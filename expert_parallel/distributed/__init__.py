@@ -1,0 +1,1 @@
+"""Process groups, device selection, autograd-aware collectives and rank discovery."""

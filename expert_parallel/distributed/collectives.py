@@ -1,0 +1,82 @@
+"""Autograd-aware collectives used by the dispatcher.
+
+Every function here names its group, its split semantics and whether it forces a
+device-to-host synchronisation. A module-level call counter lets tests check that a
+disabled profiler adds no collective.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+#: Number of collectives issued by this module, per kind (tests read it).
+CALL_COUNTS: Counter = Counter()
+
+
+def all_to_all_counts(counts_RX: torch.Tensor, group: Any) -> torch.Tensor:
+    """Exchange equal-sized count blocks over ``group``.
+
+    ``counts_RX`` is an integer tensor whose row ``r`` goes to EP rank ``r``; the result
+    holds, in row ``r``, what rank ``r`` sent to us. Equal splits, no host sync.
+    """
+    CALL_COUNTS["all_to_all_counts"] += 1
+    out_RX = torch.empty_like(counts_RX)
+    dist.all_to_all_single(out_RX, counts_RX.contiguous(), group=group)
+    return out_RX
+
+
+def _all_to_all_rows(
+    x_SD: torch.Tensor, output_splits: Sequence[int], input_splits: Sequence[int], group: Any
+) -> torch.Tensor:
+    CALL_COUNTS["all_to_all_single"] += 1
+    out_ND = x_SD.new_empty((sum(output_splits),) + tuple(x_SD.shape[1:]))
+    dist.all_to_all_single(
+        out_ND, x_SD.contiguous(), list(output_splits), list(input_splits), group=group
+    )
+    return out_ND
+
+
+class _AllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SD, output_splits, input_splits, group):  # type: ignore[override]
+        ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        return _all_to_all_rows(x_SD, output_splits, input_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad_ND):  # type: ignore[override]
+        # The reverse exchange: what we received from rank r goes back to rank r.
+        grad_SD = _AllToAllRows.apply(grad_ND, ctx.input_splits, ctx.output_splits, ctx.group)
+        return grad_SD, None, None, None
+
+
+def all_to_all_rows(
+    x_SD: torch.Tensor,
+    output_splits: Sequence[int],
+    input_splits: Sequence[int],
+    group: Optional[Any],
+) -> torch.Tensor:
+    """Variable-size all-to-all of rows over ``group``, differentiable.
+
+    ``input_splits[r]`` consecutive rows of ``x_SD`` go to EP rank ``r``;
+    ``output_splits[r]`` rows arrive from rank ``r`` and are stacked rank-major. Splits
+    are host ints (computing them is the dispatcher's one host sync). The backward is
+    the same exchange with the splits swapped. ``group=None`` means a single process
+    and returns ``x_SD`` unchanged.
+    """
+    if group is None:
+        return x_SD
+    return _AllToAllRows.apply(x_SD, tuple(output_splits), tuple(input_splits), group)
+
+
+def all_gather_rows(x: torch.Tensor, group: Optional[Any]) -> list[torch.Tensor]:
+    """All-gather equal-shaped tensors over ``group`` (not differentiable)."""
+    if group is None:
+        return [x]
+    CALL_COUNTS["all_gather"] += 1
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts

@@ -1,0 +1,1 @@
+"""The MoE data path: router -> capacity -> permute -> all-to-all -> experts -> combine."""

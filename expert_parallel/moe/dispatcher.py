@@ -1,0 +1,191 @@
+"""Dispatchers: move kept (token, expert) pairs to the experts' ranks and back.
+
+Legend: T tokens, D model dim, K choices, S kept pairs sent by this rank, N rows
+received for the local experts, R EP ranks, e local experts per rank.
+
+Data path of :class:`AllToAllDispatcher` (group = the EP group)::
+
+    dispatch:  sort pairs by expert            (permute, on device)
+               all-to-all of counts [R, e+1]   (count_exchange; the ONE host sync)
+               gather rows x_SD = x_TD[token_S](permute)
+               all-to-all of rows, splits      (dispatch_a2a)
+               rank-major -> expert-major      (permute)
+    combine:   expert-major -> rank-major      (unpermute)
+               all-to-all of rows, reversed    (combine_a2a)
+               fp32 weighted scatter-add       (unpermute)
+
+:class:`LocalDispatcher` (EP=1) has the same interface and skips the communication.
+``dispatch`` returns a frozen :class:`DispatchMetadata` that ``combine`` consumes;
+nothing is stored on ``self`` between the two, so the layer is re-entrant and safe
+under activation checkpointing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..distributed.collectives import all_to_all_counts, all_to_all_rows
+from ..profiling.timer import NULL_TIMER
+from .capacity import CapacityPlan
+from .permute import (
+    combine_rows,
+    inverse_permutation,
+    regroup_rank_to_expert,
+    sort_pairs_by_expert,
+)
+from .router import Routing
+
+
+class NonFiniteRouterError(FloatingPointError):
+    """Router logits held NaN/Inf on at least one rank of the EP group."""
+
+
+@dataclass(frozen=True)
+class DispatchMetadata:
+    """Everything ``combine`` needs to undo ``dispatch``; immutable."""
+
+    num_tokens: int
+    token_S: torch.Tensor
+    """Source token of each kept pair, in expert-sorted order."""
+    weight_S: torch.Tensor
+    """Combine weight of each kept pair (fp32, carries the router gradient)."""
+    input_splits: tuple[int, ...]
+    """Rows this rank sends to each EP rank."""
+    output_splits: tuple[int, ...]
+    """Rows this rank receives from each EP rank."""
+    counts_local: tuple[int, ...]
+    """Rows per local expert, expert-major (what the experts consume)."""
+    unregroup_N: Optional[torch.Tensor]
+    """Expert-major -> rank-major row indices (None when there is nothing to undo)."""
+    nonfinite_ranks: tuple[int, ...]
+    """EP ranks (group-local) whose router logits held NaN/Inf this forward."""
+    out_dtype: torch.dtype
+
+
+class LocalDispatcher:
+    """EP=1: all experts are local; the only host sync is reading the counts."""
+
+    def __init__(
+        self, num_experts: int, timer: Any = NULL_TIMER, raise_on_nonfinite: bool = True
+    ) -> None:
+        self.num_experts = num_experts
+        self.raise_on_nonfinite = raise_on_nonfinite
+        self.num_local = num_experts
+        self.ep_size = 1
+        self.timer = timer
+
+    # -- communication hooks, overridden by the all-to-all dispatcher -------------
+    def _exchange_counts(
+        self, kept_E: torch.Tensor, nonfinite: torch.Tensor
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Returns (kept per global expert, received counts [R*e] rank-major,
+        non-finite flags per EP rank), all host lists, with one host sync."""
+        host = torch.cat([kept_E, nonfinite.reshape(1)]).tolist()
+        return host[:-1], host[:-1], host[-1:]
+
+    def _send(self, x_SD: torch.Tensor, meta_splits: tuple, reverse: bool) -> torch.Tensor:
+        return x_SD
+
+    # -- the interface --------------------------------------------------------------
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan
+    ) -> tuple[torch.Tensor, DispatchMetadata]:
+        """Send kept pairs to their experts. Returns rows in local-expert-major order."""
+        num_tokens, k = routing.topk_idx_TK.shape
+        R, e = self.ep_size, self.num_local
+        with self.timer.phase("permute"):
+            order_P = sort_pairs_by_expert(routing.topk_idx_TK, plan.kept_TK, self.num_experts)
+        with self.timer.phase("count_exchange"):
+            kept, recv, flags = self._exchange_counts(plan.kept_E, routing.nonfinite)
+        nonfinite_ranks = tuple(r for r, f in enumerate(flags) if f)
+        if nonfinite_ranks and self.raise_on_nonfinite:
+            # Every EP rank saw the same flags in the same collective: all raise here,
+            # before the token all-to-all, so no peer is left waiting.
+            raise NonFiniteRouterError(
+                f"router logits are NaN/Inf on EP rank(s) {list(nonfinite_ranks)}"
+            )
+        with self.timer.phase("permute"):
+            num_kept = sum(kept)
+            pair_S = order_P[:num_kept]
+            token_S = torch.div(pair_S, k, rounding_mode="floor")
+            weight_S = routing.topk_weight_TK.reshape(-1).index_select(0, pair_S)
+            x_SD = x_TD.index_select(0, token_S)
+        input_splits = tuple(sum(kept[r * e : (r + 1) * e]) for r in range(R))
+        output_splits = tuple(sum(recv[r * e : (r + 1) * e]) for r in range(R))
+        counts_local = tuple(sum(recv[r * e + l] for r in range(R)) for l in range(e))
+        x_ND = self._send(x_SD, (output_splits, input_splits), reverse=False)
+        unregroup_N = None
+        if R > 1 and e > 1:
+            with self.timer.phase("permute"):
+                counts_Re = torch.tensor(recv, device=x_TD.device).view(R, e)
+                regroup_N = regroup_rank_to_expert(counts_Re, sum(output_splits))
+                x_ND = x_ND.index_select(0, regroup_N)
+                unregroup_N = inverse_permutation(regroup_N)
+        meta = DispatchMetadata(
+            num_tokens=num_tokens,
+            token_S=token_S,
+            weight_S=weight_S,
+            input_splits=input_splits,
+            output_splits=output_splits,
+            counts_local=counts_local,
+            unregroup_N=unregroup_N,
+            nonfinite_ranks=nonfinite_ranks,
+            out_dtype=x_TD.dtype,
+        )
+        return x_ND, meta
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+        """Bring expert outputs home and sum them per token with their weights."""
+        if meta.unregroup_N is not None:
+            with self.timer.phase("unpermute"):
+                y_ND = y_ND.index_select(0, meta.unregroup_N)
+        y_SD = self._send(y_ND, (meta.input_splits, meta.output_splits), reverse=True)
+        with self.timer.phase("unpermute"):
+            return combine_rows(y_SD, meta.token_S, meta.weight_S, meta.num_tokens, meta.out_dtype)
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    """Experts sharded over ``group`` (EP size R); rank r owns experts [r*e, (r+1)*e)."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        group: Any,
+        ep_size: int,
+        timer: Any = NULL_TIMER,
+        raise_on_nonfinite: bool = True,
+    ) -> None:
+        super().__init__(num_experts, timer, raise_on_nonfinite)
+        if num_experts % ep_size != 0:
+            raise ValueError(
+                f"num_experts={num_experts} must be divisible by ep_size={ep_size}"
+            )
+        self.group = group
+        self.ep_size = ep_size
+        self.num_local = num_experts // ep_size
+
+    def _exchange_counts(self, kept_E, nonfinite):
+        """All-to-all over the EP group of a [R, e+1] block: row r holds the pairs this
+        rank sends to each of rank r's experts plus this rank's non-finite flag, so every
+        rank learns every peer's flag in the same collective and can fail together.
+        Host sync: exactly one ``tolist`` of local + received counts."""
+        R, e = self.ep_size, self.num_local
+        flag_R1 = nonfinite.reshape(1, 1).expand(R, 1).to(kept_E.dtype)
+        send_Rx = torch.cat([kept_E.view(R, e), flag_R1], dim=1)
+        recv_Rx = all_to_all_counts(send_Rx, self.group)
+        host = torch.cat([kept_E, recv_Rx.reshape(-1)]).tolist()
+        recv = host[self.num_experts :]
+        counts = [recv[r * (e + 1) + l] for r in range(R) for l in range(e)]
+        flags = [recv[r * (e + 1) + e] for r in range(R)]
+        return host[: self.num_experts], counts, flags
+
+    def _send(self, x_SD, meta_splits, reverse):
+        output_splits, input_splits = meta_splits
+        phase = "combine_a2a" if reverse else "dispatch_a2a"
+        itemsize = x_SD.element_size() * (x_SD.shape[-1] if x_SD.dim() > 1 else 1)
+        self.timer.add_bytes(phase, sum(input_splits) * itemsize, sum(output_splits) * itemsize)
+        with self.timer.phase(phase):
+            return all_to_all_rows(x_SD, output_splits, input_splits, self.group)

@@ -1,0 +1,207 @@
+"""``MoELayer``: route -> dispatch -> experts -> combine.
+
+Legend: T tokens, D model dim, E experts, K choices.
+
+The layer holds a replicated router and this rank's ``E / ep_size`` experts. Its
+forward reads as the four calls of the data path; every forward also returns the
+aux loss and an :class:`MoEStats` with exact per-expert routed / kept / dropped counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import MoEConfig
+from ..distributed.collectives import all_gather_rows
+from ..distributed.groups import ParallelGroups
+from ..profiling.timer import NULL_TIMER
+from .capacity import plan_capacity
+from .dispatcher import AllToAllDispatcher, LocalDispatcher, NonFiniteRouterError
+from .experts import GroupedExperts
+from .router import Router
+from .stats import MoEStats
+
+EXPERT_PARAM_NAMES = ("w1_eDF", "w2_eFD", "w3_eDF")
+
+
+@dataclass(frozen=True)
+class MoEOutput:
+    output: torch.Tensor
+    """Same shape and dtype as the input."""
+    aux_loss: torch.Tensor
+    """Scalar fp32: ``aux_loss_coeff * lb_loss + z_loss_coeff * z_loss``."""
+    stats: MoEStats
+    """Routing statistics of this rank's tokens."""
+
+
+class MoELayer(nn.Module):
+    """An expert-parallel mixture-of-experts feed-forward block.
+
+    Args:
+        config: the layer's :class:`MoEConfig`.
+        groups: explicit process groups; ``None`` means a single process (EP=1).
+        seed: initial weights depend only on ``seed`` and the global expert id.
+        name: used in error messages (e.g. ``"layers.3.moe"``).
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        groups: Optional[ParallelGroups] = None,
+        seed: int = 0,
+        name: str = "moe",
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be an MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.groups = groups if groups is not None else ParallelGroups.single()
+        self.name = name
+        self.timer: Any = NULL_TIMER
+        self.forward_calls = 0
+        expert_ids = self.groups.local_expert_range(config.num_experts)
+        self.router = Router(config, seed=seed)
+        self.experts = GroupedExperts(config, expert_ids, seed=seed)
+        raise_nf = config.nonfinite_policy == "raise"
+        if self.groups.ep_size == 1:
+            self.dispatcher: LocalDispatcher = LocalDispatcher(
+                config.num_experts, raise_on_nonfinite=raise_nf
+            )
+        else:
+            self.dispatcher = AllToAllDispatcher(
+                config.num_experts, self.groups.ep_group, self.groups.ep_size,
+                raise_on_nonfinite=raise_nf,
+            )
+
+    def set_timer(self, timer: Any) -> None:
+        """Attach a phase timer (``NULL_TIMER`` to detach)."""
+        self.timer = timer
+        self.dispatcher.timer = timer
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"{self.name}: input last dim must be hidden_size={self.config.hidden_size}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name}: input dtype must be floating point, got {x.dtype}")
+        weight = self.router.weight
+        if x.device != weight.device:
+            raise ValueError(
+                f"{self.name}: input is on device {x.device} but the layer is on {weight.device}"
+            )
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        self._check_input(x)
+        self.forward_calls += 1
+        cfg, timer = self.config, self.timer
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        num_tokens = x_TD.shape[0]
+
+        with timer.phase("router"):
+            routing = self.router(x_TD)
+            capacity = cfg.capacity(num_tokens, self.training)
+            plan = plan_capacity(
+                routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
+                capacity, cfg.drop_policy,
+            )
+        try:
+            x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
+        except NonFiniteRouterError as err:
+            raise NonFiniteRouterError(
+                f"{self.name} (forward call {self.forward_calls}): {err}"
+            ) from None
+        with timer.phase("experts"):
+            y_ND = self.experts(x_ND, meta.counts_local)
+        out_TD = self.dispatcher.combine(y_ND, meta)
+
+        stats = self._stats(plan, routing, capacity, num_tokens, meta.nonfinite_ranks)
+        return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
+
+    def _stats(self, plan, routing, capacity, num_tokens, nonfinite_ranks) -> MoEStats:
+        device = plan.routed_E.device
+        if capacity is None:
+            capacity_E = plan.routed_E.clone()
+        else:
+            capacity_E = torch.full_like(plan.routed_E, capacity)
+        all_dropped = (plan.kept_TK.sum(-1) == 0).sum() if num_tokens else plan.routed_E.new_zeros(())
+
+        def scalar(v: Any) -> torch.Tensor:
+            return torch.as_tensor(v, dtype=torch.int64, device=device)
+
+        return MoEStats(
+            routed_E=plan.routed_E,
+            kept_E=plan.kept_E,
+            dropped_E=plan.routed_E - plan.kept_E,
+            capacity_E=capacity_E,
+            num_tokens=scalar(num_tokens),
+            tokens_all_dropped=all_dropped.to(torch.int64),
+            nonfinite=scalar(1 if nonfinite_ranks else 0),
+            lb_loss=routing.lb_loss.to(torch.float32),
+            z_loss=routing.z_loss.to(torch.float32),
+            num_ranks=scalar(1),
+        )
+
+    @torch.no_grad()
+    def update_expert_bias(self, global_stats: MoEStats) -> None:
+        """Aux-loss-free balancing: nudge the selection bias from the observed load.
+
+        Pass stats reduced over the data-parallel group so every replica applies the
+        same update (the router is replicated).
+        """
+        self.router.update_bias(global_stats.routed_E)
+
+    # -- resharding ---------------------------------------------------------------
+    def expert_param_names(self) -> list[str]:
+        return [n for n in EXPERT_PARAM_NAMES if getattr(self.experts, n) is not None]
+
+    @torch.no_grad()
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full, unsharded parameters on every rank (all-gather over the EP group).
+
+        Keys: ``router.weight`` [E, D], ``router.expert_bias`` [E], and
+        ``experts.<name>`` stacked over all E experts in global expert order.
+        """
+        sd = {
+            "router.weight": self.router.weight.detach().clone(),
+            "router.expert_bias": self.router.expert_bias.detach().clone(),
+        }
+        for name in self.expert_param_names():
+            local = getattr(self.experts, name).detach()
+            sd[f"experts.{name}"] = torch.cat(all_gather_rows(local, self.groups.ep_group), 0)
+        return sd
+
+    @torch.no_grad()
+    def load_global_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load full parameters (as from :meth:`global_state_dict`), keeping our shard."""
+        expected = {"router.weight", "router.expert_bias"}
+        expected |= {f"experts.{n}" for n in self.expert_param_names()}
+        if set(sd) != expected:
+            raise ValueError(
+                f"{self.name}: global state dict keys {sorted(sd)} != expected {sorted(expected)}"
+            )
+        ids = self.experts.expert_ids
+        targets = {"router.weight": self.router.weight, "router.expert_bias": self.router.expert_bias}
+        for name in self.expert_param_names():
+            targets[f"experts.{name}"] = getattr(self.experts, name)
+        for key, dst in targets.items():
+            src = sd[key]
+            if key.startswith("experts."):
+                full_shape = (self.config.num_experts,) + tuple(dst.shape[1:])
+                if tuple(src.shape) != full_shape:
+                    raise ValueError(
+                        f"{self.name}: {key} has shape {tuple(src.shape)}, expected {full_shape}"
+                    )
+                src = src[ids[0] : ids[-1] + 1] if ids else src[:0]
+            elif tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(
+                    f"{self.name}: {key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+                )
+            dst.copy_(src.to(dst.dtype))

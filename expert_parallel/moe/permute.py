@@ -1,0 +1,72 @@
+"""Pure index math for moving tokens between layouts. No communication.
+
+Legend: T tokens, D model dim, K choices, P = T*K pairs, S kept pairs on the sending
+side, N rows received by this rank, R EP ranks, e local experts per rank.
+
+Layouts::
+
+    token order       x_TD                       the layer's input
+    expert-sorted     x_SD  = x_TD[token_S]      kept pairs sorted by global expert;
+                                                 since rank r owns experts [r*e,(r+1)*e)
+                                                 this is also destination-rank-major
+    rank-major        x_ND  (after all-to-all)   blocks (source rank r, local expert l)
+                                                 ordered r-major: (0,0),(0,1)..(1,0)..
+    expert-major      x_ND[regroup_N]            the same blocks ordered l-major:
+                                                 (0,0),(1,0)..(0,1).. so each local
+                                                 expert's rows are contiguous
+
+Everything is O(T*K) or O(N) memory: no dense tokens x experts x capacity tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sort_pairs_by_expert(
+    topk_idx_TK: torch.Tensor, kept_TK: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Pair ids (``t * K + k``) ordered by expert, token order within an expert.
+
+    Dropped pairs go last (they sort under the sentinel expert ``num_experts``), so the
+    first ``S = kept.sum()`` entries are exactly the kept pairs.
+    """
+    key_P = torch.where(kept_TK, topk_idx_TK, torch.full_like(topk_idx_TK, num_experts))
+    return torch.sort(key_P.reshape(-1), stable=True).indices
+
+
+def regroup_rank_to_expert(counts_Re: torch.Tensor, total: int) -> torch.Tensor:
+    """Indices that turn received rows from rank-major into local-expert-major.
+
+    ``counts_Re[r, l]`` rows arrived from source rank ``r`` for local expert ``l``;
+    ``total`` is their sum (a host int, known after the count exchange).
+    Returns ``regroup_N`` with ``x_expert_major = x_rank_major[regroup_N]``.
+    """
+    num_ranks, num_local = counts_Re.shape
+    device = counts_Re.device
+    block_rank_major = torch.arange(num_ranks * num_local, device=device)
+    block_of_row_N = torch.repeat_interleave(
+        block_rank_major, counts_Re.reshape(-1), output_size=total
+    )
+    # Block (r, l) has rank-major id r*e + l and expert-major key l*R + r.
+    key_N = (block_of_row_N % num_local) * num_ranks + block_of_row_N // num_local
+    return torch.sort(key_N, stable=True).indices
+
+
+def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:
+    inv_N = torch.empty_like(perm_N)
+    inv_N[perm_N] = torch.arange(perm_N.numel(), device=perm_N.device)
+    return inv_N
+
+
+def combine_rows(
+    y_SD: torch.Tensor,
+    token_S: torch.Tensor,
+    weight_S: torch.Tensor,
+    num_tokens: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``out[t] = sum over kept pairs of t of weight * y``, accumulated in fp32."""
+    out_TD = torch.zeros(num_tokens, y_SD.shape[-1], dtype=torch.float32, device=y_SD.device)
+    out_TD = out_TD.index_add(0, token_S, y_SD.float() * weight_S.unsqueeze(-1))
+    return out_TD.to(out_dtype)

@@ -1,0 +1,1 @@
+"""Phase timers, bytes moved and reports for the MoE data path."""
