@@ -1,0 +1,1 @@
+"""Atomic, checksummed DCP checkpoints that reshard between EP sizes."""

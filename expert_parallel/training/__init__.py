@@ -1,0 +1,1 @@
+"""The launcher's training loop, data, config and reporting."""

@@ -1,0 +1,85 @@
+"""Gradient synchronisation and clipping for expert + data parallelism.
+
+Loss convention: each rank's loss is the mean over its own tokens, and the training
+objective is the mean of those over all W ranks (equal-sized shards).
+
+* Dense parameters are replicated on all W ranks: their gradient is all-reduced (sum)
+  over the DP group and divided by W.
+* An expert's gradient on its owner already sums the contributions of every rank of the
+  owner's EP group (the backward all-to-all brought them home). Summing it over the
+  expert-data-parallel group (the replicas of that expert) therefore covers all W ranks
+  exactly once, so it is divided by W as well, not by the EDP size.
+* The global gradient norm counts each dense parameter once and each expert once: the
+  expert part is summed over one EP group (which holds every expert exactly once).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..distributed.groups import ParallelGroups
+
+
+def _flat_all_reduce(grads: list[torch.Tensor], group, divide_by: int) -> None:
+    """Sum ``grads`` over ``group`` with one collective, then divide."""
+    if not grads:
+        return
+    if group is not None:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            n = g.numel()
+            g.copy_(flat[offset : offset + n].view_as(g))
+            offset += n
+    if divide_by != 1:
+        for g in grads:
+            g.div_(divide_by)
+
+
+def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    dense, expert = [], []
+    for name, p in model.named_parameters():
+        (expert if ".experts." in name else dense).append(p)
+    return dense, expert
+
+
+def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        out.append(p.grad)
+    return out
+
+
+def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
+    """Average dense grads over DP and expert grads over EDP (see module docstring)."""
+    dense, expert = split_params(model)
+    world = groups.world_size
+    _flat_all_reduce(_grads(dense), groups.dp_group, world)
+    _flat_all_reduce(_grads(expert), groups.edp_group, world)
+
+
+def clip_grad_norm(model: nn.Module, groups: ParallelGroups, max_norm: float) -> float:
+    """Clip to the true global norm (each expert counted once). Returns the norm."""
+    dense, expert = split_params(model)
+    dense_sq = sum((p.grad.double().square().sum() for p in dense if p.grad is not None),
+                   torch.zeros((), dtype=torch.float64))
+    expert_sq = sum((p.grad.double().square().sum() for p in expert if p.grad is not None),
+                    torch.zeros((), dtype=torch.float64))
+    device = dense[0].device if dense else torch.device("cpu")
+    expert_sq = expert_sq.to(device)
+    if groups.ep_group is not None:
+        dist.all_reduce(expert_sq, group=groups.ep_group)
+    total = math.sqrt(float(dense_sq) + float(expert_sq))
+    if max_norm > 0 and total > max_norm:
+        scale = max_norm / (total + 1e-6)
+        for p in dense + expert:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return total

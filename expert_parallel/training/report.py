@@ -1,0 +1,169 @@
+"""Rank-0 reporting for the launcher: progress lines, metrics.jsonl, TensorBoard,
+``summary.json`` and a PNG report (loss curves, drop rate per layer, tokens-per-expert
+heatmap over steps). Other ranks construct a silent logger.
+
+``metrics.jsonl`` is opened in append mode and flushed every step, so a crash loses at
+most the line being written, and a resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+from .config import TrainConfig
+
+
+class RunLogger:
+    def __init__(self, cfg: TrainConfig, active: bool) -> None:
+        self.cfg, self.active = cfg, active
+        self.history: list[dict] = []
+        self.tb = None
+        if not active:
+            return
+        os.makedirs(cfg.out, exist_ok=True)
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.metrics = open(self.metrics_path, "a")
+        with open(os.path.join(cfg.out, "config.json"), "w") as fh:
+            json.dump(cfg.to_dict(), fh, indent=1)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                self.info("tensorboard is not installed; skipping TensorBoard logs")
+            else:
+                self.tb = SummaryWriter(os.path.join(cfg.out, "tb"))
+
+    def info(self, message: str) -> None:
+        if self.active:
+            print(message, flush=True)
+
+    def log_step(self, step: int, result: Any, lr: float, step_time: float, tokens_per_s: float,
+                 a2a_share: float, grad_norm: float, phases: dict, val_loss: Optional[float]) -> None:
+        if not self.active:
+            return
+        layers = {}
+        routed = kept = 0
+        for name, s in result.stats.items():
+            d = s.to_dict()
+            layers[name] = {"drop_fraction": d["drop_fraction"], "kept": d["kept"],
+                            "load_imbalance": d["load_imbalance"]}
+            routed += sum(d["routed"])
+            kept += sum(d["kept"])
+        drop = 1.0 - kept / routed if routed else 0.0
+        record = {
+            "step": step, "loss": result.loss, "aux_loss": result.aux_loss, "lr": lr,
+            "grad_norm": grad_norm, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+            "a2a_share": a2a_share, "drop_fraction": drop, "skipped": result.skipped,
+            "phases_s": phases, "layers": layers,
+        }
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+        self.history.append(record)
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for key in ("loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "a2a_share", "drop_fraction"):
+                self.tb.add_scalar(f"train/{key}", record[key], step)
+            for name, layer in layers.items():
+                self.tb.add_scalar(f"drop_fraction/{name}", layer["drop_fraction"], step)
+            if val_loss is not None:
+                self.tb.add_scalar("val/loss", val_loss, step)
+        val = f" val {val_loss:.4f}" if val_loss is not None else ""
+        print(f"step {step:5d} | loss {result.loss:.4f}{val} | aux {result.aux_loss:.4f} | "
+              f"drop {100 * drop:5.2f}% | a2a {100 * a2a_share:4.1f}% | "
+              f"{tokens_per_s:8.0f} tok/s | lr {lr:.2e}" + (" | SKIPPED" if result.skipped else ""),
+              flush=True)
+
+    def finish(self, **summary_fields: Any) -> dict:
+        if not self.active:
+            return {}
+        self.metrics.close()
+        if self.tb is not None:
+            self.tb.close()
+        history = self.history
+        last_layers = history[-1]["layers"] if history else {}
+        load = {}
+        for name in last_layers:
+            totals: list[int] = []
+            for rec in history:
+                kept = rec["layers"][name]["kept"]
+                totals = [a + b for a, b in zip(totals, kept)] if totals else list(kept)
+            load[name] = totals
+        summary = {
+            "final_train_loss": history[-1]["loss"] if history else None,
+            "drop_fraction_per_layer": {
+                n: sum(r["layers"][n]["drop_fraction"] for r in history) / len(history)
+                for n in last_layers
+            },
+            "tokens_per_expert": load,
+            "mean_a2a_share": sum(r["a2a_share"] for r in history) / len(history) if history else 0.0,
+            **summary_fields,
+        }
+        path = os.path.join(self.cfg.out, "summary.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=1)
+        os.replace(tmp, path)
+        print(f"metrics: {self.metrics_path}", flush=True)
+        print(f"summary: {path}", flush=True)
+        png = self.plot()
+        if png:
+            print(f"report:  {png}", flush=True)
+        summary["report_png"] = png
+        return summary
+
+    def plot(self) -> Optional[str]:
+        """Loss curves, drop rate per layer, tokens-per-expert heatmap (first MoE layer)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            import numpy as np
+        except ImportError:
+            print("matplotlib is not installed; no PNG report", file=sys.stderr)
+            return None
+        records = _read_all(self.metrics_path)
+        if not records:
+            return None
+        steps = [r["step"] for r in records]
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        axes[0].plot(steps, [r["loss"] for r in records], label="train")
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        if val:
+            axes[0].plot(*zip(*val), "o-", label="val")
+        axes[0].set(title="loss", xlabel="step", ylabel="cross-entropy (nats/byte)")
+        axes[0].legend()
+        for name in records[-1]["layers"]:
+            axes[1].plot(steps, [100 * r["layers"].get(name, {}).get("drop_fraction", 0) for r in records],
+                         label=name)
+        axes[1].set(title="dropped (token, expert) pairs", xlabel="step", ylabel="%")
+        axes[1].legend(fontsize=7)
+        first = next(iter(records[-1]["layers"]), None)
+        if first is not None:
+            grid = np.array([r["layers"][first]["kept"] for r in records if first in r["layers"]]).T
+            im = axes[2].imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                                extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))
+            axes[2].set(title=f"tokens per expert ({first})", xlabel="step", ylabel="expert")
+            fig.colorbar(im, ax=axes[2])
+        fig.tight_layout()
+        path = os.path.join(self.cfg.out, "report.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
+
+
+def _read_all(path: str) -> list[dict]:
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+    return out
