@@ -111,6 +111,8 @@ class TrainConfig:
     """Timeout of every collective; a dead peer fails the run within it."""
     tensorboard: bool = True
     """Write TensorBoard scalars to OUT/tb."""
+    deepspeed: Optional[str] = None
+    """Path of a DeepSpeed JSON config: train under ``deepspeed.initialize`` (ZeRO)."""
     nonfinite_policy: str = "raise"
     """raise: stop on NaN/Inf router logits; skip: count them and skip the step."""
 

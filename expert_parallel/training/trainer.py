@@ -235,6 +235,10 @@ def run(cfg: TrainConfig, groups: ParallelGroups, device: torch.device) -> dict:
     torch.manual_seed(cfg.seed + groups.rank)
     np.random.seed((cfg.seed + groups.rank) % (2**32))
     random.seed(cfg.seed + groups.rank)
+    if cfg.deepspeed:
+        from .deepspeed_engine import DeepSpeedTrainer  # optional dependency
+
+        return DeepSpeedTrainer(cfg, groups, device).fit()
     return Trainer(cfg, groups, device).fit()
 
 
