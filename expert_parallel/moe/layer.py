@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import MoEConfig
 from ..distributed.collectives import all_gather_rows
+from ..distributed.consensus import check_consensus
 from ..distributed.groups import ParallelGroups
 from ..profiling.timer import NULL_TIMER
 from .capacity import plan_capacity
@@ -64,6 +65,14 @@ class MoELayer(nn.Module):
         self.timer: Any = NULL_TIMER
         self.forward_calls = 0
         expert_ids = self.groups.local_expert_range(config.num_experts)
+        # Every rank of the EP group must agree before the first all-to-all; a mismatch
+        # raises the same ValueError on all of them instead of hanging in the exchange.
+        check_consensus(
+            f"MoE layer {name!r}",
+            {**config.to_dict(), "ep_size": self.groups.ep_size, "num_local_experts": len(expert_ids)},
+            self.groups.ep_group,
+            list(self.groups.ep_ranks),
+        )
         self.router = Router(config, seed=seed)
         self.experts = GroupedExperts(config, expert_ids, seed=seed)
         raise_nf = config.nonfinite_policy == "raise"
