@@ -102,6 +102,7 @@ class RunLogger:
             "mean_a2a_share": sum(r["a2a_share"] for r in history) / len(history) if history else 0.0,
             **summary_fields,
         }
+        summary["report_png"] = self.plot()
         path = os.path.join(self.cfg.out, "summary.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
@@ -109,10 +110,8 @@ class RunLogger:
         os.replace(tmp, path)
         print(f"metrics: {self.metrics_path}", flush=True)
         print(f"summary: {path}", flush=True)
-        png = self.plot()
-        if png:
-            print(f"report:  {png}", flush=True)
-        summary["report_png"] = png
+        if summary["report_png"]:
+            print(f"report:  {summary['report_png']}", flush=True)
         return summary
 
     def plot(self) -> Optional[str]:

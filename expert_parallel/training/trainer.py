@@ -197,6 +197,8 @@ class Trainer:
         if cfg.resume:
             self.resume()
         tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        # Baseline before any update (about ln(vocab) for the untrained model).
+        initial_val_loss = self.evaluate() if self.step == 0 else None
         val_loss = None
         run_t0 = time.perf_counter()
         steps_done = 0
@@ -224,7 +226,7 @@ class Trainer:
             val_loss = self.evaluate()
         summary = self.logger.finish(
             world_size=self.world, ep_size=self.groups.ep_size, steps=self.step,
-            steps_this_run=steps_done, final_val_loss=val_loss,
+            steps_this_run=steps_done, initial_val_loss=initial_val_loss, final_val_loss=val_loss,
             tokens_per_s=(steps_done * tokens_per_step / elapsed) if steps_done and elapsed > 0 else 0.0,
             elapsed_s=elapsed, data_source=self.data.source,
         )
