@@ -73,7 +73,7 @@ class TrainConfig:
     ep_size: int = 1
     """Expert-parallel size; must divide the world size and num_experts."""
     # -- optimisation
-    max_steps: int = 300
+    max_steps: int = 500
     """Training steps."""
     global_batch_size: int = 16
     """Sequences per step over all ranks; must divide by the world size."""
