@@ -114,6 +114,16 @@ class MoEConfig:
     """Split the dispatched tokens into this many chunks and pipeline all-to-all with
     expert compute (1 = no overlap)."""
 
+    a2a_algorithm: str = "flat"
+    """``flat``: one all-to-all over the EP group; ``hierarchical``: node-local hop then
+    one aggregated message per node pair (needs ``ParallelGroups`` built with
+    ``ranks_per_node``)."""
+
+    static_shapes: bool = False
+    """Fixed-capacity padded dispatch: every (rank, expert) block is padded to the
+    capacity, so all shapes are static and the dispatcher never synchronises with the
+    host (CUDA-graph friendly). Needs a capacity_factor; costs padding compute/traffic."""
+
     nonfinite_policy: str = "raise"
     """What to do when router logits contain NaN/Inf: ``raise`` a ``FloatingPointError``
     naming the layer, or ``count`` it in the stats and let the caller skip the step."""
@@ -154,6 +164,15 @@ class MoEConfig:
         _check_choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
         _check_int("overlap_chunks", self.overlap_chunks, 1)
         _check_choice("nonfinite_policy", self.nonfinite_policy, ("raise", "count"))
+        _check_choice("a2a_algorithm", self.a2a_algorithm, ("flat", "hierarchical"))
+        if not isinstance(self.static_shapes, bool):
+            raise TypeError(f"static_shapes must be a bool, got {self.static_shapes!r}")
+        if self.static_shapes and (self.capacity_factor is None or self.eval_capacity_factor is None):
+            raise ValueError(
+                "static_shapes=True needs capacity_factor and eval_capacity_factor, got "
+                f"capacity_factor={self.capacity_factor!r}, "
+                f"eval_capacity_factor={self.eval_capacity_factor!r}"
+            )
 
     # ------------------------------------------------------------------ helpers
     def capacity(self, num_tokens: int, training: bool) -> Optional[int]:

@@ -58,6 +58,12 @@ class ParallelGroups:
     edp_group: Optional[Any]
     edp_ranks: tuple[int, ...]
     dp_group: Optional[Any]
+    ranks_per_node: int = 0
+    """Ranks per node inside the EP group for the hierarchical all-to-all (0 = flat)."""
+    intra_group: Optional[Any] = None
+    """This rank's node-local slice of its EP group (hierarchical all-to-all only)."""
+    inter_group: Optional[Any] = None
+    """The ranks of this EP group with the same node-local index, one per node."""
 
     @staticmethod
     def single() -> "ParallelGroups":
@@ -65,12 +71,17 @@ class ParallelGroups:
         return ParallelGroups(1, 0, 1, 0, None, (0,), 1, 0, None, (0,), None)
 
     @staticmethod
-    def build(ep_size: int, timeout: Optional[timedelta] = None) -> "ParallelGroups":
+    def build(
+        ep_size: int, timeout: Optional[timedelta] = None, ranks_per_node: int = 0
+    ) -> "ParallelGroups":
         """Create EP, EDP and DP groups over the initialised default process group.
 
         Every rank must call this with the same ``ep_size`` (the launcher checks that by
         consensus first). With ``ep_size=1`` and no initialised process group, returns
         :meth:`single`. ``timeout`` bounds every collective on the new groups.
+        ``ranks_per_node`` > 0 (dividing ``ep_size``, smaller than it) also builds the
+        node-local and cross-node sub-groups of each EP group used by the hierarchical
+        all-to-all.
         """
         if not dist.is_available() or not dist.is_initialized():
             check_ep_size(ep_size, 1)
@@ -90,6 +101,25 @@ class ParallelGroups:
             if rank in ranks:
                 edp_group, edp_ranks = group, tuple(ranks)
         dp_group = dist.new_group(ranks=list(range(world)), **kwargs)
+        intra_group = inter_group = None
+        if ranks_per_node:
+            if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or \
+                    ranks_per_node < 1 or ep_size % ranks_per_node or ranks_per_node >= ep_size:
+                raise ValueError(
+                    f"ranks_per_node={ranks_per_node!r} must divide ep_size={ep_size} and be "
+                    "smaller than it for a hierarchical all-to-all"
+                )
+            for ep_ranks_i in ep_group_ranks(world, ep_size):
+                for start in range(0, ep_size, ranks_per_node):
+                    ranks = ep_ranks_i[start : start + ranks_per_node]
+                    group = dist.new_group(ranks=ranks, **kwargs)
+                    if rank in ranks:
+                        intra_group = group
+                for local in range(ranks_per_node):
+                    ranks = ep_ranks_i[local::ranks_per_node]
+                    group = dist.new_group(ranks=ranks, **kwargs)
+                    if rank in ranks:
+                        inter_group = group
         return ParallelGroups(
             world_size=world,
             rank=rank,
@@ -102,6 +132,9 @@ class ParallelGroups:
             edp_group=edp_group,
             edp_ranks=edp_ranks,
             dp_group=dp_group,
+            ranks_per_node=ranks_per_node,
+            intra_group=intra_group,
+            inter_group=inter_group,
         )
 
     @property

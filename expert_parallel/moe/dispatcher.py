@@ -27,7 +27,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..distributed.collectives import all_to_all_counts, all_to_all_rows
+from ..distributed.collectives import all_gather_rows, all_to_all_counts, all_to_all_rows
+from ..distributed.hierarchical import hierarchical_all_to_all
 from ..profiling.timer import NULL_TIMER
 from .capacity import CapacityPlan
 from .permute import (
@@ -63,6 +64,9 @@ class DispatchMetadata:
     nonfinite_ranks: tuple[int, ...]
     """EP ranks (group-local) whose router logits held NaN/Inf this forward."""
     out_dtype: torch.dtype
+    route: Any = None
+    """Extra routing facts a dispatcher needs for its exchange (the hierarchical one
+    keeps the full [R, R] count matrix here); None for the flat exchange."""
 
 
 class LocalDispatcher:
@@ -80,13 +84,13 @@ class LocalDispatcher:
     # -- communication hooks, overridden by the all-to-all dispatcher -------------
     def _exchange_counts(
         self, kept_E: torch.Tensor, nonfinite: torch.Tensor
-    ) -> tuple[list[int], list[int], list[int]]:
+    ) -> tuple[list[int], list[int], list[int], Any]:
         """Returns (kept per global expert, received counts [R*e] rank-major,
-        non-finite flags per EP rank), all host lists, with one host sync."""
+        non-finite flags per EP rank, route), host values, with one host sync."""
         host = torch.cat([kept_E, nonfinite.reshape(1)]).tolist()
-        return host[:-1], host[:-1], host[-1:]
+        return host[:-1], host[:-1], host[-1:], None
 
-    def _send(self, x_SD: torch.Tensor, meta_splits: tuple, reverse: bool) -> torch.Tensor:
+    def _send(self, x_SD: torch.Tensor, meta_splits: tuple, route: Any, reverse: bool) -> torch.Tensor:
         return x_SD
 
     # -- the interface --------------------------------------------------------------
@@ -99,7 +103,7 @@ class LocalDispatcher:
         with self.timer.phase("permute"):
             order_P = sort_pairs_by_expert(routing.topk_idx_TK, plan.kept_TK, self.num_experts)
         with self.timer.phase("count_exchange"):
-            kept, recv, flags = self._exchange_counts(plan.kept_E, routing.nonfinite)
+            kept, recv, flags, route = self._exchange_counts(plan.kept_E, routing.nonfinite)
         nonfinite_ranks = tuple(r for r, f in enumerate(flags) if f)
         if nonfinite_ranks and self.raise_on_nonfinite:
             # Every EP rank saw the same flags in the same collective: all raise here,
@@ -116,7 +120,7 @@ class LocalDispatcher:
         input_splits = tuple(sum(kept[r * e : (r + 1) * e]) for r in range(R))
         output_splits = tuple(sum(recv[r * e : (r + 1) * e]) for r in range(R))
         counts_local = tuple(sum(recv[r * e + l] for r in range(R)) for l in range(e))
-        x_ND = self._send(x_SD, (output_splits, input_splits), reverse=False)
+        x_ND = self._send(x_SD, (output_splits, input_splits), route, reverse=False)
         unregroup_N = None
         if R > 1 and e > 1:
             with self.timer.phase("permute"):
@@ -134,6 +138,7 @@ class LocalDispatcher:
             unregroup_N=unregroup_N,
             nonfinite_ranks=nonfinite_ranks,
             out_dtype=x_TD.dtype,
+            route=route,
         )
         return x_ND, meta
 
@@ -142,7 +147,7 @@ class LocalDispatcher:
         if meta.unregroup_N is not None:
             with self.timer.phase("unpermute"):
                 y_ND = y_ND.index_select(0, meta.unregroup_N)
-        y_SD = self._send(y_ND, (meta.input_splits, meta.output_splits), reverse=True)
+        y_SD = self._send(y_ND, (meta.input_splits, meta.output_splits), meta.route, reverse=True)
         with self.timer.phase("unpermute"):
             return combine_rows(y_SD, meta.token_S, meta.weight_S, meta.num_tokens, meta.out_dtype)
 
@@ -180,12 +185,61 @@ class AllToAllDispatcher(LocalDispatcher):
         recv = host[self.num_experts :]
         counts = [recv[r * (e + 1) + l] for r in range(R) for l in range(e)]
         flags = [recv[r * (e + 1) + e] for r in range(R)]
-        return host[: self.num_experts], counts, flags
+        return host[: self.num_experts], counts, flags, None
 
-    def _send(self, x_SD, meta_splits, reverse):
+    def _send(self, x_SD, meta_splits, route, reverse):
         output_splits, input_splits = meta_splits
         phase = "combine_a2a" if reverse else "dispatch_a2a"
         itemsize = x_SD.element_size() * (x_SD.shape[-1] if x_SD.dim() > 1 else 1)
         self.timer.add_bytes(phase, sum(input_splits) * itemsize, sum(output_splits) * itemsize)
         with self.timer.phase(phase):
-            return all_to_all_rows(x_SD, output_splits, input_splits, self.group)
+            return self._exchange_rows(x_SD, output_splits, input_splits, route, reverse)
+
+    def _exchange_rows(self, x_SD, output_splits, input_splits, route, reverse):
+        return all_to_all_rows(x_SD, output_splits, input_splits, self.group)
+
+
+class HierarchicalDispatcher(AllToAllDispatcher):
+    """Same data path, but rows travel in two hops (node-local, then one aggregated
+    message per node pair); see ``distributed/hierarchical.py``. The count exchange is
+    an all-gather of every rank's per-expert counts (R x (E+1) ints), so each rank knows
+    the full [R, R] traffic matrix both hops need; still one host sync."""
+
+    def __init__(self, num_experts: int, groups: Any, timer: Any = NULL_TIMER,
+                 raise_on_nonfinite: bool = True) -> None:
+        super().__init__(num_experts, groups.ep_group, groups.ep_size, timer, raise_on_nonfinite)
+        self.groups = groups
+
+    def _exchange_counts(self, kept_E, nonfinite):
+        R, e, E = self.ep_size, self.num_local, self.num_experts
+        mine = torch.cat([kept_E, nonfinite.reshape(1).to(kept_E.dtype)])
+        table = torch.cat(all_gather_rows(mine, self.group)).tolist()  # the one host sync
+        rows = [table[s * (E + 1) : (s + 1) * (E + 1)] for s in range(R)]
+        me = self.groups.ep_rank
+        counts = [rows[r][me * e + l] for r in range(R) for l in range(e)]
+        flags = [rows[r][E] for r in range(R)]
+        counts_RR = tuple(tuple(sum(rows[s][d * e : (d + 1) * e]) for d in range(R)) for s in range(R))
+        return rows[me][:E], counts, flags, counts_RR
+
+    def _exchange_rows(self, x_SD, output_splits, input_splits, counts_RR, reverse):
+        if reverse:  # combine: every block goes back where it came from
+            counts_RR = tuple(zip(*counts_RR))
+        g = self.groups
+        return hierarchical_all_to_all(x_SD, counts_RR, g.ep_rank, g.ranks_per_node,
+                                       g.intra_group, g.inter_group)
+
+
+def make_dispatcher(config: Any, groups: Any) -> LocalDispatcher:
+    """The dispatcher a layer with ``config`` needs on ``groups``."""
+    raise_nf = config.nonfinite_policy == "raise"
+    if groups.ep_size == 1:
+        return LocalDispatcher(config.num_experts, raise_on_nonfinite=raise_nf)
+    if config.a2a_algorithm == "hierarchical":
+        if not groups.ranks_per_node:
+            raise ValueError(
+                "a2a_algorithm='hierarchical' needs ParallelGroups.build(..., ranks_per_node=L) "
+                f"with 1 < L < ep_size={groups.ep_size}; got ranks_per_node={groups.ranks_per_node}"
+            )
+        return HierarchicalDispatcher(config.num_experts, groups, raise_on_nonfinite=raise_nf)
+    return AllToAllDispatcher(config.num_experts, groups.ep_group, groups.ep_size,
+                              raise_on_nonfinite=raise_nf)

@@ -21,7 +21,7 @@ from ..distributed.consensus import check_consensus
 from ..distributed.groups import ParallelGroups
 from ..profiling.timer import NULL_TIMER
 from .capacity import plan_capacity
-from .dispatcher import AllToAllDispatcher, LocalDispatcher, NonFiniteRouterError
+from .dispatcher import NonFiniteRouterError, make_dispatcher
 from .experts import GroupedExperts
 from .router import Router
 from .stats import MoEStats
@@ -75,16 +75,7 @@ class MoELayer(nn.Module):
         )
         self.router = Router(config, seed=seed)
         self.experts = GroupedExperts(config, expert_ids, seed=seed)
-        raise_nf = config.nonfinite_policy == "raise"
-        if self.groups.ep_size == 1:
-            self.dispatcher: LocalDispatcher = LocalDispatcher(
-                config.num_experts, raise_on_nonfinite=raise_nf
-            )
-        else:
-            self.dispatcher = AllToAllDispatcher(
-                config.num_experts, self.groups.ep_group, self.groups.ep_size,
-                raise_on_nonfinite=raise_nf,
-            )
+        self.dispatcher = make_dispatcher(config, self.groups)
 
     def set_timer(self, timer: Any) -> None:
         """Attach a phase timer (``NULL_TIMER`` to detach)."""

@@ -52,8 +52,14 @@ def batch(name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, cot
 
 
-def build_layer(name: str, groups: Optional[ParallelGroups]) -> MoELayer:
+def build_layer(name: str, groups: Optional[ParallelGroups], **overrides: Any) -> MoELayer:
+    """The scenario's layer; ``overrides`` change config fields that must not change
+    the result (dispatch algorithm, expert backend, overlap ...)."""
     cfg, _, skew = SCENARIOS[name]
+    if overrides:
+        if overrides.get("static_shapes") and cfg.capacity_factor is None:
+            overrides = {k: v for k, v in overrides.items() if k != "static_shapes"}
+        cfg = cfg.replace(**overrides)
     layer = MoELayer(cfg, groups, seed=7, name=name)
     if skew is not None:
         with torch.no_grad():

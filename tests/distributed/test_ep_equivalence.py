@@ -21,14 +21,21 @@ from tests.distributed import scenarios as sc
 from tests.harness import run_ranks
 
 TOL = 1e-5
-LAYOUTS = {"ep2": (2, 2), "ep4": (4, 4), "ep2xdp2": (4, 2)}
+# name -> (world size, ep size, ParallelGroups.build kwargs, config overrides)
+LAYOUTS = {
+    "ep2": (2, 2, {}, {}),
+    "ep4": (4, 4, {}, {}),
+    "ep2xdp2": (4, 2, {}, {}),
+    # Two emulated "nodes" of 2 ranks: node-local hop, then one message per node pair.
+    "ep4_hierarchical": (4, 4, {"ranks_per_node": 2}, {"a2a_algorithm": "hierarchical"}),
+}
 
 
-def _worker(rank: int, world: int, ep_size: int) -> dict:
-    groups = ParallelGroups.build(ep_size)
+def _worker(rank: int, world: int, ep_size: int, group_kwargs: dict, overrides: dict) -> dict:
+    groups = ParallelGroups.build(ep_size, **group_kwargs)
     results = {}
     for name in sc.SCENARIOS:
-        layer = sc.build_layer(name, groups)
+        layer = sc.build_layer(name, groups, **overrides)
         x, cot = sc.batch(name, rank)
         step = sc.run_step(layer, x, cot)
         step["reduced"] = step["stats"].reduce(groups.dp_group)
@@ -40,8 +47,8 @@ def _worker(rank: int, world: int, ep_size: int) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def distributed_results(layout: str) -> list[dict]:
-    world, ep = LAYOUTS[layout]
-    return run_ranks(_worker, world, ep, timeout=240)
+    world, ep, group_kwargs, overrides = LAYOUTS[layout]
+    return run_ranks(_worker, world, ep, group_kwargs, overrides, timeout=240)
 
 
 @functools.lru_cache(maxsize=None)
