@@ -232,6 +232,10 @@ class HierarchicalDispatcher(AllToAllDispatcher):
 def make_dispatcher(config: Any, groups: Any) -> LocalDispatcher:
     """The dispatcher a layer with ``config`` needs on ``groups``."""
     raise_nf = config.nonfinite_policy == "raise"
+    if config.static_shapes:
+        from .padded import PaddedDispatcher  # padded.py imports this module's siblings
+
+        return PaddedDispatcher(config.num_experts, groups.ep_group, groups.ep_size)
     if groups.ep_size == 1:
         return LocalDispatcher(config.num_experts, raise_on_nonfinite=raise_nf)
     if config.a2a_algorithm == "hierarchical":

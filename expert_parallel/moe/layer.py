@@ -122,10 +122,10 @@ class MoELayer(nn.Module):
             y_ND = self.experts(x_ND, meta.counts_local)
         out_TD = self.dispatcher.combine(y_ND, meta)
 
-        stats = self._stats(plan, routing, capacity, num_tokens, meta.nonfinite_ranks)
+        stats = self._stats(plan, routing, capacity, num_tokens)
         return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
 
-    def _stats(self, plan, routing, capacity, num_tokens, nonfinite_ranks) -> MoEStats:
+    def _stats(self, plan, routing, capacity, num_tokens) -> MoEStats:
         device = plan.routed_E.device
         if capacity is None:
             capacity_E = plan.routed_E.clone()
@@ -143,7 +143,7 @@ class MoELayer(nn.Module):
             capacity_E=capacity_E,
             num_tokens=scalar(num_tokens),
             tokens_all_dropped=all_dropped.to(torch.int64),
-            nonfinite=scalar(1 if nonfinite_ranks else 0),
+            nonfinite=routing.nonfinite.to(torch.int64),
             lb_loss=routing.lb_loss.to(torch.float32),
             z_loss=routing.z_loss.to(torch.float32),
             num_ranks=scalar(1),

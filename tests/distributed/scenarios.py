@@ -36,8 +36,17 @@ SCENARIOS: dict[str, tuple[MoEConfig, list[int], Optional[str]]] = {
     "rank_with_no_tokens": (_cfg(), [0, 12, 5, 0], None),
     "topk_equals_experts": (_cfg(num_experts=4, top_k=4, capacity_factor=1.0, min_capacity=1),
                             [10, 7, 12, 3], None),
+    "uniform_tokens_capacity": (_cfg(capacity_factor=1.0, min_capacity=1), [12, 12, 12, 12], None),
+    "uniform_tokens_skewed": (_cfg(capacity_factor=1.25, min_capacity=2), [10, 10, 10, 10], "one"),
     "sigmoid_gelu": (_cfg(router="sigmoid_topk", activation="gelu", capacity_factor=2.0), [14, 9, 6, 11], None),
 }
+
+
+def static_shape_scenarios() -> list[str]:
+    """Scenarios the padded static-shape mode supports: a capacity and the same number
+    of tokens on every rank (a static all-to-all needs the same capacity everywhere)."""
+    return [n for n, (cfg, tokens, _) in SCENARIOS.items()
+            if cfg.capacity_factor is not None and len(set(tokens)) == 1]
 
 
 def batch(name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +66,8 @@ def build_layer(name: str, groups: Optional[ParallelGroups], **overrides: Any) -
     the result (dispatch algorithm, expert backend, overlap ...)."""
     cfg, _, skew = SCENARIOS[name]
     if overrides:
-        if overrides.get("static_shapes") and cfg.capacity_factor is None:
-            overrides = {k: v for k, v in overrides.items() if k != "static_shapes"}
+        if overrides.get("static_shapes"):
+            overrides = dict(overrides, eval_capacity_factor=cfg.capacity_factor)
         cfg = cfg.replace(**overrides)
     layer = MoELayer(cfg, groups, seed=7, name=name)
     if skew is not None:
