@@ -245,5 +245,10 @@ def make_dispatcher(config: Any, groups: Any) -> LocalDispatcher:
                 f"with 1 < L < ep_size={groups.ep_size}; got ranks_per_node={groups.ranks_per_node}"
             )
         return HierarchicalDispatcher(config.num_experts, groups, raise_on_nonfinite=raise_nf)
+    if config.overlap_chunks > 1:
+        from .overlap import OverlappedAllToAllDispatcher  # subclasses this module's class
+
+        return OverlappedAllToAllDispatcher(config.num_experts, groups.ep_group, groups.ep_size,
+                                            config.overlap_chunks, raise_on_nonfinite=raise_nf)
     return AllToAllDispatcher(config.num_experts, groups.ep_group, groups.ep_size,
                               raise_on_nonfinite=raise_nf)

@@ -113,14 +113,18 @@ class MoELayer(nn.Module):
                 capacity, cfg.drop_policy,
             )
         try:
-            x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
+            if hasattr(self.dispatcher, "run"):
+                # Pipelined chunks: dispatch / experts / combine interleaved (overlap.py).
+                out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
+            else:
+                x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
+                with timer.phase("experts"):
+                    y_ND = self.experts(x_ND, meta.counts_local)
+                out_TD = self.dispatcher.combine(y_ND, meta)
         except NonFiniteRouterError as err:
             raise NonFiniteRouterError(
                 f"{self.name} (forward call {self.forward_calls}): {err}"
             ) from None
-        with timer.phase("experts"):
-            y_ND = self.experts(x_ND, meta.counts_local)
-        out_TD = self.dispatcher.combine(y_ND, meta)
 
         stats = self._stats(plan, routing, capacity, num_tokens)
         return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)

@@ -28,6 +28,9 @@ LAYOUTS = {
     "ep2xdp2": (4, 2, {}, {}),
     # Two emulated "nodes" of 2 ranks: node-local hop, then one message per node pair.
     "ep4_hierarchical": (4, 4, {"ranks_per_node": 2}, {"a2a_algorithm": "hierarchical"}),
+    # Chunks pipelined through async all-to-alls (compute/communication overlap).
+    "ep2_overlap3": (2, 2, {}, {"overlap_chunks": 3}),
+    "ep2xdp2_overlap2": (4, 2, {}, {"overlap_chunks": 2}),
     # Fixed-capacity padded dispatch: static shapes, no host sync.
     "ep4_static": (4, 4, {}, {"static_shapes": True}),
     "ep2xdp2_static": (4, 2, {}, {"static_shapes": True}),
