@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from .permute import count_ids
+
 
 @dataclass(frozen=True)
 class CapacityPlan:
@@ -48,7 +50,7 @@ def positions_in_expert(expert_P: torch.Tensor, num_experts: int) -> torch.Tenso
     """
     num_pairs = expert_P.numel()
     order_P = torch.sort(expert_P, stable=True).indices
-    counts = torch.bincount(expert_P, minlength=num_experts + 1)
+    counts = count_ids(expert_P, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     sorted_expert_P = expert_P[order_P]
     rank_sorted_P = torch.arange(num_pairs, device=expert_P.device) - starts[sorted_expert_P]
@@ -73,7 +75,7 @@ def plan_capacity(
         valid_TK = torch.ones_like(topk_idx_TK, dtype=torch.bool)
     sentinel = torch.full_like(topk_idx_TK, num_experts)
     expert_TK = torch.where(valid_TK, topk_idx_TK, sentinel)
-    routed_E = torch.bincount(expert_TK.reshape(-1), minlength=num_experts + 1)[:num_experts]
+    routed_E = count_ids(expert_TK, num_experts + 1)[:num_experts]
     if capacity is None:
         return CapacityPlan(valid_TK, routed_E, routed_E.clone(), None)
 
@@ -90,7 +92,5 @@ def plan_capacity(
     position_P[priority_P] = positions_in_expert(expert_P[priority_P], num_experts)
     kept_P = (position_P < capacity) & (expert_P < num_experts)
     kept_TK = kept_P.reshape(k, num_tokens).t()
-    kept_E = torch.bincount(
-        torch.where(kept_TK, expert_TK, sentinel).reshape(-1), minlength=num_experts + 1
-    )[:num_experts]
+    kept_E = count_ids(torch.where(kept_TK, expert_TK, sentinel), num_experts + 1)[:num_experts]
     return CapacityPlan(kept_TK, routed_E, kept_E, capacity)

@@ -98,7 +98,8 @@ class GroupedExperts(nn.Module):
         e, d = self.num_local, self.config.hidden_size
         width = max(counts) if len(counts) else 0
         counts_e = torch.tensor(list(counts), device=x_ND.device)
-        expert_of_row = torch.repeat_interleave(torch.arange(e, device=x_ND.device), counts_e)
+        expert_of_row = torch.repeat_interleave(torch.arange(e, device=x_ND.device), counts_e,
+                                                output_size=x_ND.shape[0])
         starts = torch.cumsum(counts_e, 0) - counts_e
         slot_of_row = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[expert_of_row]
         flat_idx = expert_of_row * width + slot_of_row

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..distributed.collectives import CALL_COUNTS, all_to_all_counts
 from .capacity import CapacityPlan
 from .dispatcher import AllToAllDispatcher, NonFiniteRouterError
-from .permute import inverse_permutation, regroup_rank_to_expert
+from .permute import count_ids, inverse_permutation, regroup_rank_to_expert
 from .router import Routing
 
 
@@ -111,7 +111,7 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
             key_TK = torch.where(plan.kept_TK, chunk_TK * E + routing.topk_idx_TK,
                                  torch.full_like(routing.topk_idx_TK, n * E))
             order_P = torch.sort(key_TK.reshape(-1), stable=True).indices
-            kept_nE = torch.bincount(key_TK.reshape(-1), minlength=n * E + 1)[: n * E].view(n, E)
+            kept_nE = count_ids(key_TK, n * E + 1)[: n * E].view(n, E)
         with timer.phase("count_exchange"):
             # [R, n*e + 1]: for destination rank r, per chunk, per local expert; + my flag.
             send = kept_nE.view(n, R, e).transpose(0, 1).reshape(R, n * e)

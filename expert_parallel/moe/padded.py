@@ -25,7 +25,7 @@ import torch
 from ..distributed.collectives import all_to_all_rows
 from ..profiling.timer import NULL_TIMER
 from .capacity import CapacityPlan
-from .permute import combine_rows
+from .permute import combine_rows, count_ids
 from .router import Routing
 
 
@@ -62,7 +62,7 @@ class PaddedDispatcher:
             key_P = torch.where(plan.kept_TK, routing.topk_idx_TK,
                                 torch.full_like(routing.topk_idx_TK, E)).reshape(-1)
             order_P = torch.sort(key_P, stable=True).indices
-            counts = torch.bincount(key_P, minlength=E + 1)
+            counts = count_ids(key_P, E + 1)
             starts = torch.cumsum(counts, 0) - counts
             slot_sorted = torch.arange(key_P.numel(), device=key_P.device) - starts[key_P[order_P]]
             slot_P = torch.empty_like(slot_sorted)

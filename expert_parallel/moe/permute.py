@@ -23,6 +23,17 @@ from __future__ import annotations
 import torch
 
 
+def count_ids(ids: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """``bincount`` with a fixed number of bins and no host sync.
+
+    ``torch.bincount`` reads the maximum id back to the host on CUDA to size its output;
+    a scatter-add into ``num_bins`` zeros does not. Ids must lie in ``[0, num_bins)``.
+    """
+    ids = ids.reshape(-1)
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=ids.device)
+    return counts.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int64))
+
+
 def sort_pairs_by_expert(
     topk_idx_TK: torch.Tensor, kept_TK: torch.Tensor, num_experts: int
 ) -> torch.Tensor:

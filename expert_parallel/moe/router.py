@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from .permute import count_ids
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
@@ -66,7 +67,7 @@ def load_balancing_loss(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> to
     num_tokens, num_experts = probs_TE.shape
     if num_tokens == 0:
         return probs_TE.sum() * 0.0
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=num_experts)
+    counts_E = count_ids(topk_idx_TK, num_experts)
     f_E = counts_E.to(torch.float32) / topk_idx_TK.numel()
     p_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(f_E * p_E)
