@@ -153,6 +153,11 @@ class MoELayer(nn.Module):
             num_ranks=scalar(1),
         )
 
+    def set_capacity_factor(self, factor: Optional[float]) -> None:
+        """Change the training capacity factor (e.g. from a ``CapacityTuner``). Every rank
+        of the EP group must set the same value: capacity is part of the split math."""
+        self.config = self.config.replace(capacity_factor=factor)
+
     @torch.no_grad()
     def update_expert_bias(self, global_stats: MoEStats) -> None:
         """Aux-loss-free balancing: nudge the selection bias from the observed load.

@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence, get_type_hints
 
 from ..config import MoEConfig, _check_float, _check_int
 from ..models.transformer import ModelConfig
+from ..moe.capacity_tuner import CapacityTunerConfig
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class TrainConfig:
     """auto | loop | bmm | grouped_mm."""
     bias_update_rate: float = 0.0
     """Aux-loss-free balancing rate (sigmoid_topk)."""
+    capacity_target_drop: Optional[float] = None
+    """Auto-tune the capacity factor to drop at most this fraction (none = fixed)."""
+    capacity_tune_every: int = 50
+    """Steps between capacity auto-tuner updates."""
     # -- parallelism
     ep_size: int = 1
     """Expert-parallel size; must divide the world size and num_experts."""
@@ -118,7 +123,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "ep_size", "eval_every", "eval_batches",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "capacity_tune_every"):
             _check_int(name, getattr(self, name), 1)
         for name in ("warmup_steps", "ckpt_every", "seed", "stop_after"):
             _check_int(name, getattr(self, name), 0)
@@ -129,6 +134,10 @@ class TrainConfig:
         if self.nonfinite_policy not in ("raise", "skip"):
             raise ValueError(f"nonfinite_policy must be 'raise' or 'skip', got {self.nonfinite_policy!r}")
         self.model_config()  # validates the model and MoE fields
+        if self.capacity_target_drop is not None:
+            if self.capacity_factor is None:
+                raise ValueError("capacity_target_drop needs a capacity_factor to tune, got none")
+            self.tuner_config()
         if self.num_experts % self.ep_size:
             raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
 
@@ -143,6 +152,9 @@ class TrainConfig:
             expert_backend=self.expert_backend, bias_update_rate=self.bias_update_rate,
             nonfinite_policy="raise" if self.nonfinite_policy == "raise" else "count",
         )
+
+    def tuner_config(self) -> CapacityTunerConfig:
+        return CapacityTunerConfig(target_drop=self.capacity_target_drop or 0.0)
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(

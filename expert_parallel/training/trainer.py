@@ -29,6 +29,7 @@ from ..distributed.consensus import check_consensus
 from ..distributed.device import autocast_dtype
 from ..distributed.groups import ParallelGroups
 from ..models.transformer import MoETransformer
+from ..moe.capacity_tuner import CapacityTuner
 from ..moe.stats import MoEStats
 from ..profiling.timer import PhaseTimer
 from .config import TrainConfig
@@ -86,6 +87,10 @@ class Trainer:
         self.grad_norm = 0.0
         self.ckpt_root = os.path.join(cfg.out, "checkpoints")
         self.logger = RunLogger(cfg, self.rank == 0)
+        self.tuners = {}
+        if cfg.capacity_target_drop is not None:
+            self.tuners = {name: CapacityTuner(layer.config, cfg.tuner_config())
+                           for name, layer in self.model.moe_layers().items()}
         self.autocast = autocast_dtype(device)
 
     # -- one step ----------------------------------------------------------------
@@ -121,6 +126,7 @@ class Trainer:
         (ce + out.aux_loss).backward()
         sync_gradients(self.model, self.groups)
         (loss, aux), stats = self._reduce([ce, out.aux_loss], out.stats)
+        self._tune_capacity(out.stats)
         nonfinite = sum(int(s.nonfinite) for s in stats.values()) or (not math.isfinite(loss))
         if nonfinite:
             if cfg.nonfinite_policy == "raise":
@@ -140,6 +146,22 @@ class Trainer:
             for name, layer in self.model.moe_layers().items():
                 layer.update_expert_bias(stats[name])
         return StepResult(loss, aux, stats, skipped=False)
+
+    def _tune_capacity(self, local_stats: dict[str, MoEStats]) -> None:
+        """Feed the auto-tuners; every ``capacity_tune_every`` steps apply their choice
+        (one small all-reduce per layer, so all ranks set the same factor)."""
+        if not self.tuners:
+            return
+        for name, tuner in self.tuners.items():
+            tuner.observe(local_stats[name])
+        if (self.step + 1) % self.cfg.capacity_tune_every == 0:
+            layers = self.model.moe_layers()
+            for name, tuner in self.tuners.items():
+                factor = tuner.propose(self.groups.dp_group)
+                if factor is not None:
+                    layers[name].set_capacity_factor(factor)
+            self.logger.info("capacity factors: " + ", ".join(
+                f"{n}={l.config.capacity_factor}" for n, l in layers.items()))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -164,6 +186,9 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_numpy": np.random.get_state(),
             "rng_python": random.getstate(),
+            # Tuned capacity factors are training state too.
+            "capacity_factors": {n: l.config.capacity_factor
+                                 for n, l in self.model.moe_layers().items()},
         }
         meta = {"world_size": self.world, "ep_size": self.groups.ep_size,
                 "config_fingerprint": self.cfg.fingerprint(), "data_step": self.step}
@@ -182,7 +207,10 @@ class Trainer:
         ckpt.load_checkpoint(path, self._state(), self.groups.dp_group)
         manifest = ckpt.read_manifest(path)
         self.step = int(manifest["step"])
-        extra = ckpt.load_extra(path, self.rank)
+        extra = ckpt.load_extra(path, self.rank) or ckpt.load_extra(path, 0)
+        if extra is not None and self.tuners:
+            for name, layer in self.model.moe_layers().items():
+                layer.set_capacity_factor(extra["capacity_factors"][name])
         if extra is not None and manifest.get("world_size") == self.world:
             torch.set_rng_state(extra["rng_torch"])
             np.random.set_state(extra["rng_numpy"])
