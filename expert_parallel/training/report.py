@@ -49,7 +49,7 @@ class RunLogger:
         for name, s in result.stats.items():
             d = s.to_dict()
             layers[name] = {"drop_fraction": d["drop_fraction"], "kept": d["kept"],
-                            "load_imbalance": d["load_imbalance"]}
+                            "routed": d["routed"], "load_imbalance": d["load_imbalance"]}
             routed += sum(d["routed"])
             kept += sum(d["kept"])
         drop = 1.0 - kept / routed if routed else 0.0
