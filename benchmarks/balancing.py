@@ -37,7 +37,7 @@ from expert_parallel.training.trainer import run  # noqa: E402
 
 VARIANTS = {
     "aux_loss": ["--router", "softmax_topk", "--aux-loss-coeff", "0.01"],
-    "aux_free_bias": ["--router", "sigmoid_topk", "--aux-loss-coeff", "0", "--bias-update-rate", "0.001"],
+    "aux_free_bias": ["--router", "sigmoid_topk", "--aux-loss-coeff", "0", "--bias-update-rate", "0.003"],
     "no_balancing": ["--router", "sigmoid_topk", "--aux-loss-coeff", "0"],
 }
 
