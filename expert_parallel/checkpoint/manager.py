@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import warnings
 from typing import Any, Callable, Optional
 
@@ -107,13 +108,22 @@ def save_checkpoint(
     rank: int,
     group: Any,
     keep: int = 3,
+    pause_before_commit_s: float = 0.0,
 ) -> str:
-    """Collective over ``group`` (all ranks): write ``state`` with DCP atomically."""
+    """Collective over ``group`` (all ranks): write ``state`` with DCP atomically.
+
+    ``pause_before_commit_s`` is a fault-injection hook for tests: every rank sleeps that
+    long after writing its files and before the manifest and rename, while only the
+    ``.partial`` directory exists.
+    """
     final = step_dir(root, step)
     partial = final + ".partial"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
+        # Leftovers of saves killed mid-way are never loadable; drop them.
+        for name in os.listdir(root):
+            if name.startswith("step_") and name.endswith(".partial"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(partial)
     _barrier(group)
     with warnings.catch_warnings():
@@ -125,6 +135,8 @@ def save_checkpoint(
     torch.save(extra, extra_path)
     with open(extra_path, "rb") as fh:
         os.fsync(fh.fileno())
+    if pause_before_commit_s > 0:
+        time.sleep(pause_before_commit_s)
     _barrier(group)
     if rank == 0:
         files = sorted(n for n in os.listdir(partial) if n != MANIFEST)

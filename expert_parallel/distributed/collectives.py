@@ -3,18 +3,68 @@
 Every function here names its group, its split semantics and whether it forces a
 device-to-host synchronisation. A module-level call counter lets tests check that a
 disabled profiler adds no collective.
+
+Failures: a collective that fails or times out (a dead peer resets the connection, a
+stuck peer lets the group's timeout expire) raises :class:`CollectiveError` naming the
+MoE layer, the phase (``count_exchange`` / ``dispatch_a2a`` / ``combine_a2a``) and the
+pass (forward / backward). Callers label their collectives with :func:`comm_scope`; the
+row all-to-all remembers its label for the backward exchange, which autograd runs long
+after the forward's scope has closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Any, Optional, Sequence
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 #: Number of collectives issued by this module, per kind (tests read it).
 CALL_COUNTS: Counter = Counter()
+
+# (layer name, phase, pass) of the collectives being issued; "" = not labelled.
+_SCOPE: ContextVar[tuple[str, str, str]] = ContextVar("moe_comm_scope", default=("", "", ""))
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names layer, phase and pass."""
+
+
+@contextlib.contextmanager
+def comm_scope(layer: Optional[str] = None, phase: Optional[str] = None,
+               direction: Optional[str] = None) -> Iterator[None]:
+    """Label the collectives issued inside (for error messages); unset parts are
+    inherited from the enclosing scope. No communication, no host sync."""
+    old = _SCOPE.get()
+    token = _SCOPE.set((old[0] if layer is None else layer, old[1] if phase is None else phase,
+                        old[2] if direction is None else direction))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextlib.contextmanager
+def _guard(kind: str) -> Iterator[None]:
+    """Re-raise a backend error (gloo/NCCL ``RuntimeError``, ``DistBackendError``) of the
+    collective ``kind`` as a :class:`CollectiveError` carrying the current scope."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as err:
+        layer, phase, direction = _SCOPE.get()
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        where = f"MoE layer {layer!r}" if layer else "MoE runtime"
+        raise CollectiveError(
+            f"{where}: collective {phase or kind!r} ({kind}) failed in the "
+            f"{direction or 'forward'} pass: {detail}. A peer rank probably died or is stuck "
+            "(check its log); the wait is bounded by the process-group timeout "
+            "(ParallelGroups.build(timeout=...), --collective-timeout-s)."
+        ) from err
 
 
 def all_to_all_counts(counts_RX: torch.Tensor, group: Any) -> torch.Tensor:
@@ -25,7 +75,8 @@ def all_to_all_counts(counts_RX: torch.Tensor, group: Any) -> torch.Tensor:
     """
     CALL_COUNTS["all_to_all_counts"] += 1
     out_RX = torch.empty_like(counts_RX)
-    dist.all_to_all_single(out_RX, counts_RX.contiguous(), group=group)
+    with _guard("all_to_all_counts"):
+        dist.all_to_all_single(out_RX, counts_RX.contiguous(), group=group)
     return out_RX
 
 
@@ -34,9 +85,10 @@ def _all_to_all_rows(
 ) -> torch.Tensor:
     CALL_COUNTS["all_to_all_single"] += 1
     out_ND = x_SD.new_empty((sum(output_splits),) + tuple(x_SD.shape[1:]))
-    dist.all_to_all_single(
-        out_ND, x_SD.contiguous(), list(output_splits), list(input_splits), group=group
-    )
+    with _guard("all_to_all_single"):
+        dist.all_to_all_single(
+            out_ND, x_SD.contiguous(), list(output_splits), list(input_splits), group=group
+        )
     return out_ND
 
 
@@ -44,12 +96,14 @@ class _AllToAllRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD, output_splits, input_splits, group):  # type: ignore[override]
         ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        ctx.scope = _SCOPE.get()  # the backward runs outside the caller's comm_scope
         return _all_to_all_rows(x_SD, output_splits, input_splits, group)
 
     @staticmethod
     def backward(ctx, grad_ND):  # type: ignore[override]
         # The reverse exchange: what we received from rank r goes back to rank r.
-        grad_SD = _AllToAllRows.apply(grad_ND, ctx.input_splits, ctx.output_splits, ctx.group)
+        with comm_scope(ctx.scope[0], ctx.scope[1], "backward"):
+            grad_SD = _AllToAllRows.apply(grad_ND, ctx.input_splits, ctx.output_splits, ctx.group)
         return grad_SD, None, None, None
 
 
@@ -78,5 +132,6 @@ def all_gather_rows(x: torch.Tensor, group: Optional[Any]) -> list[torch.Tensor]
         return [x]
     CALL_COUNTS["all_gather"] += 1
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    with _guard("all_gather"):
+        dist.all_gather(parts, x.contiguous(), group=group)
     return parts

@@ -27,7 +27,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..distributed.collectives import all_gather_rows, all_to_all_counts, all_to_all_rows
+from ..distributed.collectives import (
+    all_gather_rows,
+    all_to_all_counts,
+    all_to_all_rows,
+    comm_scope,
+)
 from ..distributed.hierarchical import hierarchical_all_to_all
 from ..profiling.timer import NULL_TIMER
 from .capacity import CapacityPlan
@@ -102,7 +107,9 @@ class LocalDispatcher:
         R, e = self.ep_size, self.num_local
         with self.timer.phase("permute"):
             order_P = sort_pairs_by_expert(routing.topk_idx_TK, plan.kept_TK, self.num_experts)
-        with self.timer.phase("count_exchange"):
+        # comm_scope labels a failed/timed-out collective with its phase (the layer adds
+        # its name), so a dead peer surfaces as a named error, not a bare backend one.
+        with self.timer.phase("count_exchange"), comm_scope(phase="count_exchange"):
             kept, recv, flags, route = self._exchange_counts(plan.kept_E, routing.nonfinite)
         nonfinite_ranks = tuple(r for r, f in enumerate(flags) if f)
         if nonfinite_ranks and self.raise_on_nonfinite:
@@ -192,7 +199,7 @@ class AllToAllDispatcher(LocalDispatcher):
         phase = "combine_a2a" if reverse else "dispatch_a2a"
         itemsize = x_SD.element_size() * (x_SD.shape[-1] if x_SD.dim() > 1 else 1)
         self.timer.add_bytes(phase, sum(input_splits) * itemsize, sum(output_splits) * itemsize)
-        with self.timer.phase(phase):
+        with self.timer.phase(phase), comm_scope(phase=phase):
             return self._exchange_rows(x_SD, output_splits, input_splits, route, reverse)
 
     def _exchange_rows(self, x_SD, output_splits, input_splits, route, reverse):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig
-from ..distributed.collectives import all_gather_rows
+from ..distributed.collectives import all_gather_rows, comm_scope
 from ..distributed.consensus import check_consensus
 from ..distributed.groups import ParallelGroups
 from ..profiling.timer import NULL_TIMER
@@ -64,18 +64,30 @@ class MoELayer(nn.Module):
         self.name = name
         self.timer: Any = NULL_TIMER
         self.forward_calls = 0
-        expert_ids = self.groups.local_expert_range(config.num_experts)
+        # Build locally first, but hold any error back: a rank that raised here while its
+        # peers entered the consensus collective would leave them waiting. The error
+        # travels in the payload instead, so every rank raises it (or the mismatch).
+        setup_error: Optional[Exception] = None
+        shapes: dict[str, list[int]] = {}
+        try:
+            expert_ids = self.groups.local_expert_range(config.num_experts)
+            self.router = Router(config, seed=seed)
+            self.experts = GroupedExperts(config, expert_ids, seed=seed)
+            self.dispatcher = make_dispatcher(config, self.groups)
+            shapes = {n: list(t.shape) for n, t in [*self.named_parameters(), *self.named_buffers()]}
+        except (ValueError, TypeError) as err:
+            setup_error = err
         # Every rank of the EP group must agree before the first all-to-all; a mismatch
         # raises the same ValueError on all of them instead of hanging in the exchange.
         check_consensus(
             f"MoE layer {name!r}",
-            {**config.to_dict(), "ep_size": self.groups.ep_size, "num_local_experts": len(expert_ids)},
+            {**config.to_dict(), "ep_size": self.groups.ep_size, "param_shapes": shapes,
+             "setup_error": None if setup_error is None else repr(setup_error)},
             self.groups.ep_group,
             list(self.groups.ep_ranks),
         )
-        self.router = Router(config, seed=seed)
-        self.experts = GroupedExperts(config, expert_ids, seed=seed)
-        self.dispatcher = make_dispatcher(config, self.groups)
+        if setup_error is not None:
+            raise setup_error
 
     def set_timer(self, timer: Any) -> None:
         """Attach a phase timer (``NULL_TIMER`` to detach)."""
@@ -112,19 +124,21 @@ class MoELayer(nn.Module):
                 routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
                 capacity, cfg.drop_policy,
             )
-        try:
-            if hasattr(self.dispatcher, "run"):
-                # Pipelined chunks: dispatch / experts / combine interleaved (overlap.py).
-                out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
-            else:
-                x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
-                with timer.phase("experts"):
-                    y_ND = self.experts(x_ND, meta.counts_local)
-                out_TD = self.dispatcher.combine(y_ND, meta)
-        except NonFiniteRouterError as err:
-            raise NonFiniteRouterError(
-                f"{self.name} (forward call {self.forward_calls}): {err}"
-            ) from None
+        # Collectives issued inside are labelled with this layer's name (error messages).
+        with comm_scope(layer=self.name, direction="forward"):
+            try:
+                if hasattr(self.dispatcher, "run"):
+                    # Pipelined chunks: dispatch / experts / combine interleaved (overlap.py).
+                    out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
+                else:
+                    x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
+                    with timer.phase("experts"):
+                        y_ND = self.experts(x_ND, meta.counts_local)
+                    out_TD = self.dispatcher.combine(y_ND, meta)
+            except NonFiniteRouterError as err:
+                raise NonFiniteRouterError(
+                    f"{self.name} (forward call {self.forward_calls}): {err}"
+                ) from None
 
         stats = self._stats(plan, routing, capacity, num_tokens)
         return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)

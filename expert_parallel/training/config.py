@@ -120,6 +120,10 @@ class TrainConfig:
     """Path of a DeepSpeed JSON config: train under ``deepspeed.initialize`` (ZeRO)."""
     nonfinite_policy: str = "raise"
     """raise: stop on NaN/Inf router logits; skip: count them and skip the step."""
+    fault_save_pause_s: float = 0.0
+    """For fault-injection tests only: every rank sleeps this long inside each checkpoint
+    save, after writing its files and before the manifest and the atomic rename, so a
+    test can SIGKILL a rank while the ``.partial`` directory exists. 0 in real runs."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch_size", "ep_size", "eval_every", "eval_batches",
@@ -129,7 +133,7 @@ class TrainConfig:
             _check_int(name, getattr(self, name), 0)
         for name in ("lr", "collective_timeout_s"):
             _check_float(name, getattr(self, name), 0.0, strict=True)
-        for name in ("min_lr", "weight_decay", "grad_clip"):
+        for name in ("min_lr", "weight_decay", "grad_clip", "fault_save_pause_s"):
             _check_float(name, getattr(self, name), 0.0, strict=False)
         if self.nonfinite_policy not in ("raise", "skip"):
             raise ValueError(f"nonfinite_policy must be 'raise' or 'skip', got {self.nonfinite_policy!r}")

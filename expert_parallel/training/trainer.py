@@ -30,6 +30,7 @@ from ..distributed.device import autocast_dtype
 from ..distributed.groups import ParallelGroups
 from ..models.transformer import MoETransformer
 from ..moe.capacity_tuner import CapacityTuner
+from ..moe.dispatcher import NonFiniteRouterError
 from ..moe.stats import MoEStats
 from ..profiling.timer import PhaseTimer
 from .config import TrainConfig
@@ -122,7 +123,13 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         x, y = self.train_sampler.batch(self.step, self.device)
-        ce, out = self._loss(x, y)
+        try:
+            ce, out = self._loss(x, y)
+        except NonFiniteRouterError as err:
+            # Raised on every EP rank together (the flag rides in the count exchange).
+            raise NonFiniteRouterError(
+                f"step {self.step}: {err}; set nonfinite_policy=skip to skip such steps"
+            ) from None
         (ce + out.aux_loss).backward()
         sync_gradients(self.model, self.groups)
         (loss, aux), stats = self._reduce([ce, out.aux_loss], out.stats)
@@ -193,7 +200,8 @@ class Trainer:
         meta = {"world_size": self.world, "ep_size": self.groups.ep_size,
                 "config_fingerprint": self.cfg.fingerprint(), "data_step": self.step}
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self._state(), extra, meta,
-                                    self.rank, self.groups.dp_group, self.cfg.keep_checkpoints)
+                                    self.rank, self.groups.dp_group, self.cfg.keep_checkpoints,
+                                    pause_before_commit_s=self.cfg.fault_save_pause_s)
 
     def resume(self) -> Optional[str]:
         choice = [ckpt.find_latest(self.ckpt_root, log=self.logger.info) if self.rank == 0 else None]
