@@ -25,7 +25,7 @@ import torch.distributed as dist
 #: Number of collectives issued by this module, per kind (tests read it).
 CALL_COUNTS: Counter = Counter()
 
-# (layer name, phase, pass) of the collectives being issued; "" = not labelled.
+# (where, phase, pass) of the collectives being issued; "" = not labelled.
 _SCOPE: ContextVar[tuple[str, str, str]] = ContextVar("moe_comm_scope", default=("", "", ""))
 
 
@@ -34,12 +34,13 @@ class CollectiveError(RuntimeError):
 
 
 @contextlib.contextmanager
-def comm_scope(layer: Optional[str] = None, phase: Optional[str] = None,
+def comm_scope(where: Optional[str] = None, phase: Optional[str] = None,
                direction: Optional[str] = None) -> Iterator[None]:
-    """Label the collectives issued inside (for error messages); unset parts are
-    inherited from the enclosing scope. No communication, no host sync."""
+    """Label the collectives issued inside for error messages: ``where`` (e.g.
+    ``"MoE layer 'layers.0.ffn'"``), ``phase`` and ``direction`` (forward / backward).
+    Unset parts are inherited from the enclosing scope. No communication."""
     old = _SCOPE.get()
-    token = _SCOPE.set((old[0] if layer is None else layer, old[1] if phase is None else phase,
+    token = _SCOPE.set((old[0] if where is None else where, old[1] if phase is None else phase,
                         old[2] if direction is None else direction))
     try:
         yield
@@ -48,7 +49,7 @@ def comm_scope(layer: Optional[str] = None, phase: Optional[str] = None,
 
 
 @contextlib.contextmanager
-def _guard(kind: str) -> Iterator[None]:
+def guard(kind: str) -> Iterator[None]:
     """Re-raise a backend error (gloo/NCCL ``RuntimeError``, ``DistBackendError``) of the
     collective ``kind`` as a :class:`CollectiveError` carrying the current scope."""
     try:
@@ -56,11 +57,10 @@ def _guard(kind: str) -> Iterator[None]:
     except CollectiveError:
         raise
     except RuntimeError as err:
-        layer, phase, direction = _SCOPE.get()
+        where, phase, direction = _SCOPE.get()
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        where = f"MoE layer {layer!r}" if layer else "MoE runtime"
         raise CollectiveError(
-            f"{where}: collective {phase or kind!r} ({kind}) failed in the "
+            f"{where or 'MoE runtime'}: collective {phase or kind!r} ({kind}) failed in the "
             f"{direction or 'forward'} pass: {detail}. A peer rank probably died or is stuck "
             "(check its log); the wait is bounded by the process-group timeout "
             "(ParallelGroups.build(timeout=...), --collective-timeout-s)."
@@ -75,7 +75,7 @@ def all_to_all_counts(counts_RX: torch.Tensor, group: Any) -> torch.Tensor:
     """
     CALL_COUNTS["all_to_all_counts"] += 1
     out_RX = torch.empty_like(counts_RX)
-    with _guard("all_to_all_counts"):
+    with guard("all_to_all_counts"):
         dist.all_to_all_single(out_RX, counts_RX.contiguous(), group=group)
     return out_RX
 
@@ -85,7 +85,7 @@ def _all_to_all_rows(
 ) -> torch.Tensor:
     CALL_COUNTS["all_to_all_single"] += 1
     out_ND = x_SD.new_empty((sum(output_splits),) + tuple(x_SD.shape[1:]))
-    with _guard("all_to_all_single"):
+    with guard("all_to_all_single"):
         dist.all_to_all_single(
             out_ND, x_SD.contiguous(), list(output_splits), list(input_splits), group=group
         )
@@ -132,6 +132,6 @@ def all_gather_rows(x: torch.Tensor, group: Optional[Any]) -> list[torch.Tensor]
         return [x]
     CALL_COUNTS["all_gather"] += 1
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    with _guard("all_gather"):
+    with guard("all_gather"):
         dist.all_gather(parts, x.contiguous(), group=group)
     return parts

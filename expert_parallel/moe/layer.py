@@ -24,7 +24,7 @@ from .capacity import plan_capacity
 from .dispatcher import NonFiniteRouterError, make_dispatcher
 from .experts import GroupedExperts
 from .router import Router
-from .stats import MoEStats
+from .stats import MoEStats, routing_summary
 
 EXPERT_PARAM_NAMES = ("w1_eDF", "w2_eFD", "w3_eDF")
 
@@ -122,10 +122,10 @@ class MoELayer(nn.Module):
             capacity = cfg.capacity(num_tokens, self.training)
             plan = plan_capacity(
                 routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
-                capacity, cfg.drop_policy,
+                capacity, cfg.drop_policy, valid_TK=routing.valid_TK,
             )
         # Collectives issued inside are labelled with this layer's name (error messages).
-        with comm_scope(layer=self.name, direction="forward"):
+        with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:
                 if hasattr(self.dispatcher, "run"):
                     # Pipelined chunks: dispatch / experts / combine interleaved (overlap.py).
@@ -165,6 +165,7 @@ class MoELayer(nn.Module):
             lb_loss=routing.lb_loss.to(torch.float32),
             z_loss=routing.z_loss.to(torch.float32),
             num_ranks=scalar(1),
+            **routing_summary(routing),
         )
 
     def set_capacity_factor(self, factor: Optional[float]) -> None:
@@ -192,10 +193,7 @@ class MoELayer(nn.Module):
         Keys: ``router.weight`` [E, D], ``router.expert_bias`` [E], and
         ``experts.<name>`` stacked over all E experts in global expert order.
         """
-        sd = {
-            "router.weight": self.router.weight.detach().clone(),
-            "router.expert_bias": self.router.expert_bias.detach().clone(),
-        }
+        sd = {f"router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}
         for name in self.expert_param_names():
             local = getattr(self.experts, name).detach()
             sd[f"experts.{name}"] = torch.cat(all_gather_rows(local, self.groups.ep_group), 0)
@@ -204,14 +202,15 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def load_global_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load full parameters (as from :meth:`global_state_dict`), keeping our shard."""
-        expected = {"router.weight", "router.expert_bias"}
+        router_sd = self.router.state_dict(keep_vars=True)
+        expected = {f"router.{k}" for k in router_sd}
         expected |= {f"experts.{n}" for n in self.expert_param_names()}
         if set(sd) != expected:
             raise ValueError(
                 f"{self.name}: global state dict keys {sorted(sd)} != expected {sorted(expected)}"
             )
         ids = self.experts.expert_ids
-        targets = {"router.weight": self.router.weight, "router.expert_bias": self.router.expert_bias}
+        targets = {f"router.{k}": v for k, v in router_sd.items()}
         for name in self.expert_param_names():
             targets[f"experts.{name}"] = getattr(self.experts, name)
         for key, dst in targets.items():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import manager as ckpt
 from ..checkpoint.state import model_state, optimizer_state
+from ..distributed.collectives import CollectiveError, comm_scope, guard
 from ..distributed.consensus import check_consensus
 from ..distributed.device import autocast_dtype
 from ..distributed.groups import ParallelGroups
@@ -131,8 +132,11 @@ class Trainer:
                 f"step {self.step}: {err}; set nonfinite_policy=skip to skip such steps"
             ) from None
         (ce + out.aux_loss).backward()
-        sync_gradients(self.model, self.groups)
-        (loss, aux), stats = self._reduce([ce, out.aux_loss], out.stats)
+        # Label the dense collectives too, so a dead peer is a named error here as well.
+        with comm_scope("trainer", "grad_sync", "backward"), guard("all_reduce"):
+            sync_gradients(self.model, self.groups)
+        with comm_scope("trainer", "stats_all_reduce", "forward"), guard("all_reduce"):
+            (loss, aux), stats = self._reduce([ce, out.aux_loss], out.stats)
         self._tune_capacity(out.stats)
         nonfinite = sum(int(s.nonfinite) for s in stats.values()) or (not math.isfinite(loss))
         if nonfinite:
@@ -144,7 +148,8 @@ class Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss, aux, stats, skipped=True)
-        self.grad_norm = clip_grad_norm(self.model, self.groups, cfg.grad_clip)
+        with comm_scope("trainer", "grad_norm", "backward"), guard("all_reduce"):
+            self.grad_norm = clip_grad_norm(self.model, self.groups, cfg.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         self.optimizer.step()
@@ -242,7 +247,10 @@ class Trainer:
         while self.step < last_step:
             self.timer.collect()
             t0 = time.perf_counter()
-            result = self.train_step()
+            try:
+                result = self.train_step()
+            except CollectiveError as err:
+                raise CollectiveError(f"step {self.step}: {err}") from err
             dt = time.perf_counter() - t0
             phases = self.timer.collect()
             a2a = sum(phases.get(p, 0.0) for p in A2A_PHASES)
