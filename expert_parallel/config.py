@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-ROUTERS = ("softmax_topk", "switch", "sigmoid_topk")
+ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "noisy_topk", "top_p", "expert_choice")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
@@ -61,7 +61,13 @@ class MoEConfig:
     router: str = "softmax_topk"
     """``softmax_topk`` (softmax over experts, then top-k), ``switch`` (top-1 of a
     softmax, Switch Transformer), or ``sigmoid_topk`` (independent sigmoid scores with a
-    per-expert selection bias for aux-loss-free balancing, DeepSeek-V3 style)."""
+    per-expert selection bias for aux-loss-free balancing, DeepSeek-V3 style),
+    ``noisy_topk`` (Shazeer et al. 2017: learned Gaussian noise on the logits in training,
+    importance + load losses), ``top_p`` (a variable number of experts per token: experts
+    in order of probability until their cumulative probability reaches ``top_p``, at most
+    ``top_k``), or ``expert_choice`` (Zhou et al. 2022: each expert takes its top-C tokens
+    of the source rank, ``C`` from the capacity formula with ``top_k`` as the average
+    number of experts per token; needs both capacity factors). See ``moe/router.py``."""
 
     capacity_factor: Optional[float] = None
     """Training capacity factor. ``None`` = dropless (no expert ever drops a token);
@@ -128,6 +134,10 @@ class MoEConfig:
     """What to do when router logits contain NaN/Inf: ``raise`` a ``FloatingPointError``
     naming the layer, or ``count`` it in the stats and let the caller skip the step."""
 
+    top_p: Optional[float] = None
+    """Cumulative-probability threshold of ``router='top_p'`` (required there, in
+    (0, 1]; 1.0 takes exactly ``top_k`` experts). Must be None for other routers."""
+
     def __post_init__(self) -> None:
         _check_int("hidden_size", self.hidden_size, 1)
         _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
@@ -144,6 +154,26 @@ class MoEConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_float(name, value, 0.0, strict=True)
+        if self.router == "top_p":
+            if self.top_p is None:
+                raise ValueError("top_p must be set (0 < top_p <= 1) for router='top_p', got None")
+            _check_float("top_p", self.top_p, 0.0, strict=True)
+            if self.top_p > 1.0:
+                raise ValueError(f"top_p must be <= 1, got {self.top_p!r}")
+        elif self.top_p is not None:
+            raise ValueError(
+                f"top_p is only used by router='top_p', got top_p={self.top_p!r} "
+                f"with router={self.router!r}"
+            )
+        if self.router == "expert_choice":
+            # Each expert takes its top-C tokens: without a capacity there is no C
+            # (dropless would mean every expert takes every token, a dense layer).
+            for name in ("capacity_factor", "eval_capacity_factor"):
+                if getattr(self, name) is None:
+                    raise ValueError(
+                        f"{name} must be set for router='expert_choice' (each expert takes "
+                        f"its top-C tokens, C from the capacity formula), got None"
+                    )
         _check_int("min_capacity", self.min_capacity, 0)
         _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         if not isinstance(self.normalize_topk, bool):

@@ -190,7 +190,8 @@ class MoELayer(nn.Module):
     def global_state_dict(self) -> dict[str, torch.Tensor]:
         """Full, unsharded parameters on every rank (all-gather over the EP group).
 
-        Keys: ``router.weight`` [E, D], ``router.expert_bias`` [E], and
+        Keys: ``router.weight`` [E, D], ``router.expert_bias`` [E] (plus
+        ``router.noise_weight`` [E, D] for ``noisy_topk``), and
         ``experts.<name>`` stacked over all E experts in global expert order.
         """
         sd = {f"router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}

@@ -9,7 +9,7 @@ and step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
@@ -46,6 +46,14 @@ class MoEStats:
     """Unscaled z-loss (summed over ranks after ``reduce``)."""
     num_ranks: torch.Tensor
     """How many ranks' stats were summed (1 before ``reduce``)."""
+    experts_per_token: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    """Histogram [K + 1]: tokens the router sent to exactly k experts (k = 0..K choice
+    slots, before capacity). Constant K for top-k routers; varies for ``top_p`` and
+    ``expert_choice`` (where bin 0 counts the tokens no expert chose)."""
+    entropy_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+    """Sum over tokens of the entropy (nats) of the router distribution ``probs_TE``."""
+    max_prob_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
+    """Sum over tokens of the largest router probability (router confidence)."""
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([getattr(self, f.name).reshape(-1).to(torch.float64) for f in fields(self)])
@@ -86,9 +94,18 @@ class MoEStats:
         mean = float(kept.mean()) if kept.numel() else 0.0
         return float(kept.max()) / mean if mean > 0 else 0.0
 
+    def experts_per_token_mean(self) -> float:
+        """Mean number of experts the router chose per token."""
+        hist = self.experts_per_token.to(torch.float64)
+        total = float(hist.sum())
+        if total == 0:
+            return 0.0
+        return float((hist * torch.arange(hist.numel(), dtype=torch.float64)).sum()) / total
+
     def to_dict(self) -> dict:
         """Host-side summary for logs (this synchronises with the device)."""
         ranks = max(int(self.num_ranks), 1)
+        tokens = max(int(self.num_tokens), 1)
         return {
             "num_tokens": int(self.num_tokens),
             "routed": self.routed_E.tolist(),
@@ -101,4 +118,30 @@ class MoEStats:
             "nonfinite": int(self.nonfinite),
             "lb_loss": float(self.lb_loss) / ranks,
             "z_loss": float(self.z_loss) / ranks,
+            "experts_per_token_hist": self.experts_per_token.tolist(),
+            "experts_per_token_mean": self.experts_per_token_mean(),
+            "router_entropy": float(self.entropy_sum) / tokens,
+            "router_confidence": float(self.max_prob_sum) / tokens,
         }
+
+
+def routing_summary(routing: Any) -> dict[str, torch.Tensor]:
+    """The per-token routing fields of :class:`MoEStats` for one router decision
+    (``moe.router.Routing``): experts-per-token histogram, entropy and max-probability
+    sums. Device-side only, no host sync."""
+    idx_TK = routing.topk_idx_TK
+    num_slots = idx_TK.shape[1]
+    if routing.valid_TK is None:
+        chosen_T = torch.full(idx_TK.shape[:1], num_slots, dtype=torch.int64, device=idx_TK.device)
+    else:
+        chosen_T = routing.valid_TK.sum(-1).to(torch.int64)
+    hist = torch.zeros(num_slots + 1, dtype=torch.int64, device=idx_TK.device)
+    hist.scatter_add_(0, chosen_T, torch.ones_like(chosen_T))
+    probs_TE = routing.probs_TE.detach().float()
+    entropy_T = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1)
+    max_T = probs_TE.max(-1).values if probs_TE.shape[0] else probs_TE.new_zeros(0)
+    return {
+        "experts_per_token": hist,
+        "entropy_sum": entropy_T.sum(),
+        "max_prob_sum": max_T.sum(),
+    }
