@@ -62,18 +62,35 @@ class GroupedExperts(nn.Module):
     def num_local(self) -> int:
         return len(self.expert_ids)
 
-    def backend(self, device: torch.device) -> str:
+    def grouped_mm_aligned(self, dtype: torch.dtype) -> bool:
+        """``torch._grouped_mm`` needs 16-byte row strides for inputs and weights."""
+        sizes = (self.config.hidden_size, self.config.ffn_hidden_size)
+        itemsizes = {torch.empty((), dtype=dt).element_size() for dt in (dtype, self.w1_eDF.dtype)}
+        return all(n * b % 16 == 0 for n in sizes for b in itemsizes)
+
+    def backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         choice = self.config.expert_backend
         if choice != "auto":
             return choice
-        if device.type == "cuda" and hasattr(torch, "_grouped_mm"):
+        if device.type == "cuda" and hasattr(torch, "_grouped_mm") and (
+            dtype is None or self.grouped_mm_aligned(dtype)
+        ):
             return "grouped_mm"
         # Measured on CPU: the per-expert loop is as fast as padded bmm and needs no
         # padding memory, so it is the CPU default.
         return "loop"
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        backend = self.backend(x_ND.device)
+        backend = self.backend(x_ND.device, x_ND.dtype)
+        if backend == "grouped_mm" and not self.grouped_mm_aligned(x_ND.dtype):
+            # Same config and dtype on every rank, so every rank raises here alike.
+            multiple = 16 // min(x_ND.element_size(), self.w1_eDF.element_size())
+            raise ValueError(
+                f"expert_backend='grouped_mm' needs 16-byte aligned rows: hidden_size="
+                f"{self.config.hidden_size} and ffn_hidden_size={self.config.ffn_hidden_size} "
+                f"must be multiples of {multiple} for {x_ND.dtype} "
+                "(use expert_backend='loop' or 'bmm')"
+            )
         if backend == "bmm":
             return self._forward_bmm(x_ND, counts)
         if backend == "grouped_mm":
