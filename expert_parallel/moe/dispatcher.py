@@ -123,10 +123,11 @@ class LocalDispatcher:
             pair_S = order_P[:num_kept]
             token_S = torch.div(pair_S, k, rounding_mode="floor")
             weight_S = routing.topk_weight_TK.reshape(-1).index_select(0, pair_S)
-            x_SD = x_TD.index_select(0, token_S)
+            x_SD = self.timer.mark(x_TD, "permute").index_select(0, token_S)
         input_splits = tuple(sum(kept[r * e : (r + 1) * e]) for r in range(R))
         output_splits = tuple(sum(recv[r * e : (r + 1) * e]) for r in range(R))
         counts_local = tuple(sum(recv[r * e + l] for r in range(R)) for l in range(e))
+        x_SD = self.timer.mark(x_SD, "dispatch_a2a")  # backward-time mark (profiling only)
         x_ND = self._send(x_SD, (output_splits, input_splits), route, reverse=False)
         unregroup_N = None
         if R > 1 and e > 1:
@@ -155,6 +156,7 @@ class LocalDispatcher:
             with self.timer.phase("unpermute"):
                 y_ND = y_ND.index_select(0, meta.unregroup_N)
         y_SD = self._send(y_ND, (meta.input_splits, meta.output_splits), meta.route, reverse=True)
+        y_SD = self.timer.mark(y_SD, "unpermute")  # backward-time mark (profiling only)
         with self.timer.phase("unpermute"):
             return combine_rows(y_SD, meta.token_S, meta.weight_S, meta.num_tokens, meta.out_dtype)
 

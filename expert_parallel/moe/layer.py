@@ -132,15 +132,20 @@ class MoELayer(nn.Module):
                     out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
                 else:
                     x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
+                    # Backward-time marks (identity; only with an enabled timer): see
+                    # profiling/timer.py for how backward time is attributed.
+                    x_ND = timer.mark(x_ND, "experts")
                     with timer.phase("experts"):
                         y_ND = self.experts(x_ND, meta.counts_local)
+                    y_ND = timer.mark(y_ND, "combine_a2a")
                     out_TD = self.dispatcher.combine(y_ND, meta)
             except NonFiniteRouterError as err:
                 raise NonFiniteRouterError(
                     f"{self.name} (forward call {self.forward_calls}): {err}"
                 ) from None
 
-        stats = self._stats(plan, routing, capacity, num_tokens)
+        with timer.phase("stats"):
+            stats = self._stats(plan, routing, capacity, num_tokens)
         return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
 
     def _stats(self, plan, routing, capacity, num_tokens) -> MoEStats:
