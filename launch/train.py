@@ -40,10 +40,12 @@ from expert_parallel.training.trainer import default_timeout, run  # noqa: E402
 @record
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)  # bad options fail before any rendezvous
-    if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     try:
         info = init_distributed(timeout=default_timeout(cfg))
+        if not torch.cuda.is_available():
+            # After discovery: mpirun / srun-direct set no LOCAL_WORLD_SIZE beforehand, and
+            # oversubscribed intra-op threads slow 4 ranks on 2 cores ~40x.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
         groups = ParallelGroups.build(cfg.ep_size, timeout=default_timeout(cfg))
         run(cfg, groups, local_device(info.local_rank))
     finally:
