@@ -373,3 +373,43 @@ def test_layer_accepts_leading_dims() -> None:
     out = layer(x)
     assert out.output.shape == x.shape and out.output.dtype == x.dtype
     assert int(out.stats.num_tokens) == 6
+
+
+# ------------------------------------------------------ top_p / expert_choice routers
+def test_top_p_router_needs_top_p() -> None:
+    with pytest.raises(ValueError, match=re.escape(
+            "top_p must be set (0 < top_p <= 1) for router='top_p', got None")):
+        make(router="top_p")
+    assert make(router="top_p", top_p=1.0).top_p == 1.0
+    assert make(router="top_p", top_p=0.5).top_p == 0.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, math.nan, math.inf])
+def test_top_p_must_be_positive_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match=rf"^top_p must be finite and > 0.0, got {re.escape(repr(bad))}$"):
+        make(router="top_p", top_p=bad)
+
+
+@pytest.mark.parametrize("bad", ["0.5", True])
+def test_top_p_wrong_type(bad: Any) -> None:
+    with pytest.raises(TypeError, match=rf"^top_p must be a float, got {re.escape(repr(bad))}"):
+        make(router="top_p", top_p=bad)
+
+
+def test_top_p_at_most_one() -> None:
+    with pytest.raises(ValueError, match=r"^top_p must be <= 1, got 1\.5$"):
+        make(router="top_p", top_p=1.5)
+
+
+def test_top_p_only_for_top_p_router() -> None:
+    expected = "top_p is only used by router='top_p', got top_p=0.5 with router='softmax_topk'"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        make(top_p=0.5)
+
+
+@pytest.mark.parametrize("missing", ["capacity_factor", "eval_capacity_factor"])
+def test_expert_choice_needs_both_capacity_factors(missing: str) -> None:
+    fields: dict[str, Any] = {"capacity_factor": 1.0, "eval_capacity_factor": 1.0, missing: None}
+    with pytest.raises(ValueError, match=rf"^{missing} must be set for router='expert_choice'.*got None$"):
+        make(router="expert_choice", **fields)
+    assert make(router="expert_choice", capacity_factor=1.0, eval_capacity_factor=2.0).router == "expert_choice"
