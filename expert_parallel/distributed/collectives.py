@@ -15,6 +15,7 @@ after the forward's scope has closed.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from contextvars import ContextVar
 from typing import Any, Iterator, Optional, Sequence
@@ -59,6 +60,7 @@ def guard(kind: str) -> Iterator[None]:
     except RuntimeError as err:
         where, phase, direction = _SCOPE.get()
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)  # drop gloo's "[source.cc:123]" prefix
         raise CollectiveError(
             f"{where or 'MoE runtime'}: collective {phase or kind!r} ({kind}) failed in the "
             f"{direction or 'forward'} pass: {detail}. A peer rank probably died or is stuck "
