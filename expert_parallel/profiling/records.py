@@ -165,6 +165,7 @@ def _layer_record(rows: list[list[float]], meta: dict, ep_size: int) -> dict:
             "routed_RE": [[int(v) for v in row] for row in routed_RE],
             "kept_RE": [[int(v) for v in row] for row in kept_RE],
             "forward_s": fwd_total, "backward_s": bwd_total,
+            "phase_sum_s": [fwd_sum[r] + bwd_total[r] for r in range(world)],
         },
         "config": {k: meta[k] for k in ("num_experts", "ep_size", "top_k", "capacity_factor",
                                         "static_shapes")},

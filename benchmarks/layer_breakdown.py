@@ -1,0 +1,233 @@
+"""Phase breakdown of one MoE layer (forward + backward) over the design space.
+
+Question: where does the time of one expert-parallel MoE layer go -- router, permute,
+count exchange, dispatch all-to-all, experts, combine all-to-all, unpermute -- and how
+does that change with capacity factor (1.0, 1.25, 2.0, dropless) x EP size (1, 2, 4) x
+experts (8, 16, 64) x top-k (1, 2)? With the drop fraction of each point.
+
+Method: for each EP size, ``EP`` gloo ranks (one intra-op thread each) build each layer,
+warm up, then run ``--iters`` forward+backward iterations under ``MoEProfiler``. Each rank
+also times every iteration with its own wall clock; ``phase_sum_over_measured`` is, per
+rank, (sum of forward phases + backward segments) / measured time, averaged over ranks
+and iterations -- the check that the breakdown accounts for the layer's time (the
+remainder is Python glue and the loss). Layer time = slowest rank, median.
+
+Expert scaling: ``--scaling-*`` runs E in (8, 16, 64) at fixed top-k 2, EP 2, at the
+issue's target size (4096 tokens/rank, D 512, F 2048), and reports time per token
+relative to E=8 (target: at most +10% at E=64).
+
+    nice -n 10 python benchmarks/layer_breakdown.py                 # full grid + scaling
+    python benchmarks/layer_breakdown.py --tiny --out /tmp/lb.json   # smoke size (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from benchmarks._common import environment, median, spawn, write_report  # noqa: E402
+
+PHASE_ORDER = ("router", "permute", "count_exchange", "dispatch_a2a", "experts", "combine_a2a",
+               "unpermute", "stats", "unattributed")
+CF_CHOICES = {"1.0": 1.0, "1.25": 1.25, "2.0": 2.0, "dropless": None}
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--capacity-factors", default="1.0,1.25,2.0,dropless")
+    p.add_argument("--ep-sizes", default="1,2,4")
+    p.add_argument("--experts", default="8,16,64")
+    p.add_argument("--top-k", default="1,2")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank (grid)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--scaling-experts", default="8,16,64")
+    p.add_argument("--scaling-capacity-factors", default="1.25,dropless")
+    p.add_argument("--scaling-tokens", type=int, default=4096)
+    p.add_argument("--scaling-hidden", type=int, default=512)
+    p.add_argument("--scaling-ffn", type=int, default=2048)
+    p.add_argument("--scaling-ep", type=int, default=2)
+    p.add_argument("--tiny", action="store_true", help="smoke size: a 2x2 grid, small layer")
+    p.add_argument("--out", default="benchmarks/results/layer_breakdown.json")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.capacity_factors, a.ep_sizes, a.experts, a.top_k = "1.25,dropless", "1,2", "4", "2"
+        a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 512, 64, 256, 3, 1
+        a.scaling_experts, a.scaling_capacity_factors = "4,8", "1.25"
+        a.scaling_tokens, a.scaling_hidden, a.scaling_ffn = 512, 64, 256
+    return a
+
+
+def _points(a: argparse.Namespace, ep: int) -> list[dict]:
+    pts = []
+    for cf, e, k in itertools.product(a.capacity_factors.split(","), a.experts.split(","), a.top_k.split(",")):
+        if int(e) % ep == 0:
+            pts.append({"section": "grid", "cf": cf, "experts": int(e), "top_k": int(k), "ep": ep,
+                        "tokens": a.tokens, "hidden": a.hidden, "ffn": a.ffn})
+    if ep == a.scaling_ep:
+        for cf, e in itertools.product(a.scaling_capacity_factors.split(","), a.scaling_experts.split(",")):
+            pts.append({"section": "scaling", "cf": cf, "experts": int(e), "top_k": 2, "ep": ep,
+                        "tokens": a.scaling_tokens, "hidden": a.scaling_hidden, "ffn": a.scaling_ffn})
+    return pts
+
+
+def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int) -> list[dict]:
+    from expert_parallel import MoEConfig, MoELayer, ParallelGroups
+    from expert_parallel.profiling.profiler import MoEProfiler, ProfilerConfig
+
+    groups = ParallelGroups.build(world)
+    out = []
+    for pt in points:
+        cfg = MoEConfig(hidden_size=pt["hidden"], ffn_hidden_size=pt["ffn"], num_experts=pt["experts"],
+                        top_k=pt["top_k"], capacity_factor=CF_CHOICES[pt["cf"]], activation="gelu",
+                        router="switch" if pt["top_k"] == 1 else "softmax_topk")
+        layer = MoELayer(cfg, groups, seed=0)
+        x = torch.randn(pt["tokens"], pt["hidden"], generator=torch.Generator().manual_seed(rank + 1))
+        prof = MoEProfiler({"moe": layer}, groups, ProfilerConfig(start_step=warmup, num_steps=iters))
+        measured, slowest = [], []
+        for step in range(warmup + iters):
+            dist.barrier()
+            prof.step_begin(step)
+            xx = x.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            res = layer(xx)
+            (res.output.square().mean() + res.aux_loss).backward()
+            dt = time.perf_counter() - t0
+            prof.step_end(step, step_time_s=dt)
+            t = torch.tensor([dt], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if step >= warmup:
+                measured.append(dt)
+                slowest.append(float(t))
+        # Each rank: its own (phase sum) / (its own wall time), per measured iteration.
+        ratios = [rec["layers"]["moe"]["per_rank"]["phase_sum_s"][rank] / dt
+                  for rec, dt in zip(prof.records, measured)]
+        out.append({"ratios": ratios, **({"point": pt, "records": prof.records, "slowest_s": slowest}
+                                         if rank == 0 else {})})
+    return out
+
+
+def _summarize(pt: dict, records: list[dict], slowest: list[float], ratios: list[float]) -> dict:
+    L = [r["layers"]["moe"] for r in records]
+    n = len(L)
+    phases = {p: {"forward_ms": 1e3 * sum(l["phases"][p]["forward_s"] for l in L) / n,
+                  "backward_ms": 1e3 * sum(l["phases"][p]["backward_s"] for l in L) / n}
+              for p in PHASE_ORDER if p in L[0]["phases"]}
+    t = median(slowest)
+    return {
+        **{k: v for k, v in pt.items()},
+        "layer_ms": 1e3 * t,
+        "us_per_token": 1e6 * t / pt["tokens"],
+        "phases_ms": phases,
+        # Median over ranks x iterations: robust to a rank descheduled by a noisy neighbour.
+        "phase_sum_over_measured": median(ratios) if ratios else None,
+        "drop_fraction": sum(l["tokens"]["drop_fraction"] for l in L) / n,
+        "padding_waste_fraction": sum(l["tokens"]["padding_waste_fraction"] for l in L) / n,
+        "experts_max_over_mean": sum(l["imbalance"]["experts_routed_max_over_mean"] for l in L) / n,
+        "ep_ranks_max_over_mean": sum(l["imbalance"]["ep_ranks_received_max_over_mean"] for l in L) / n,
+        "dispatch_GBps": sum(l["a2a"]["dispatch"]["forward_GBps"] for l in L) / n,
+        "a2a_share": sum(r["a2a_share"] or 0.0 for r in records) / n,
+        "per_rank_routed_RE": L[-1]["per_rank"]["routed_RE"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _args(argv)
+    rows = []
+    for ep in [int(v) for v in a.ep_sizes.split(",")]:
+        points = _points(a, ep)
+        if not points:
+            continue
+        t0 = time.perf_counter()
+        per_rank = spawn(_worker, ep, points, a.iters, a.warmup, threads=1)
+        for i, item in enumerate(per_rank[0]):
+            ratios = [r for rank_out in per_rank for r in rank_out[i]["ratios"]]
+            rows.append(_summarize(item["point"], item["records"], item["slowest_s"], ratios))
+        print(f"EP={ep}: {len(points)} points in {time.perf_counter() - t0:.0f}s", flush=True)
+    grid = [r for r in rows if r["section"] == "grid"]
+    scaling = [r for r in rows if r["section"] == "scaling"]
+    growth = {}
+    for cf in a.scaling_capacity_factors.split(","):
+        pts = sorted((r for r in scaling if r["cf"] == cf), key=lambda r: r["experts"])
+        if len(pts) >= 2:
+            base = pts[0]["us_per_token"]
+            growth[cf] = {str(r["experts"]): r["us_per_token"] / base - 1.0 for r in pts}
+    ratios = [r["phase_sum_over_measured"] for r in rows if r["phase_sum_over_measured"] is not None]
+    report = {
+        "benchmark": "layer_breakdown",
+        "config": vars(a),
+        **environment(),
+        "rows": rows,
+        "phase_sum_over_measured": {"min": min(ratios), "max": max(ratios)} if ratios else None,
+        "time_per_token_growth_vs_fewest_experts": growth,
+        "target": "time per token grows at most 10% from 8 to 64 experts (top-k 2, EP 2, target size)",
+    }
+    md = [f"# MoE layer phase breakdown, forward+backward ({a.tokens} tokens/rank, D={a.hidden}, "
+          f"F={a.ffn}, GELU experts, 1 thread/rank; ms, mean over ranks)", "",
+          "| cf | EP | E | k | layer ms | router | permute | count x | dispatch a2a | experts | "
+          "combine a2a | unpermute | stats | phases/measured | drop % | pad waste % | max/mean E | "
+          "max/mean EP | a2a share |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(r: dict, p: str) -> str:
+        v = r["phases_ms"].get(p)
+        return f"{v['forward_ms'] + v['backward_ms']:.2f}" if v else ""
+
+    for r in grid + scaling:
+        if r["section"] == "scaling" and r is scaling[0]:
+            md += ["", f"Expert scaling at {a.scaling_tokens} tokens/rank, D={a.scaling_hidden}, "
+                   f"F={a.scaling_ffn}, k=2, EP={a.scaling_ep}:", "", md[2], md[3]]
+        md.append(f"| {r['cf']} | {r['ep']} | {r['experts']} | {r['top_k']} | {r['layer_ms']:.2f} | "
+                  + " | ".join(cell(r, p) for p in PHASE_ORDER[:-1])
+                  + f" | {r['phase_sum_over_measured']:.3f} | {100 * r['drop_fraction']:.2f} | "
+                  f"{100 * r['padding_waste_fraction']:.1f} | {r['experts_max_over_mean']:.2f} | "
+                  f"{r['ep_ranks_max_over_mean']:.2f} | {100 * r['a2a_share']:.1f}% |")
+    md += ["", "Phase columns are forward + backward ms (backward attributed per "
+           "`expert_parallel/profiling/timer.py`). 'phases/measured' = per-rank sum of phase "
+           "times over that rank's wall time of forward+backward (the rest is Python glue and "
+           "the loss)."]
+    for cf, g in growth.items():
+        md.append(f"- time per token vs E={min(g, key=int)} at cf {cf}: "
+                  + ", ".join(f"E={e}: {100 * v:+.1f}%" for e, v in g.items()))
+
+    def plot(plt) -> None:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        sel = [r for r in grid if r["top_k"] == max(int(k) for k in a.top_k.split(","))
+               and r["experts"] == sorted(int(e) for e in a.experts.split(","))[len(a.experts.split(",")) // 2]]
+        labels = [f"cf{r['cf']}\nEP{r['ep']}" for r in sel]
+        bottom = [0.0] * len(sel)
+        for p in PHASE_ORDER[:-1]:
+            vals = [float(cell(r, p) or 0) for r in sel]
+            axes[0].bar(labels, vals, bottom=bottom, label=p)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        axes[0].set_ylabel("ms (fwd+bwd)")
+        axes[0].set_title(f"phase breakdown, E={sel[0]['experts'] if sel else '?'}, k={sel[0]['top_k'] if sel else '?'}")
+        axes[0].legend(fontsize=7)
+        axes[0].tick_params(axis="x", labelsize=7)
+        for cf in a.scaling_capacity_factors.split(","):
+            pts = sorted((r for r in scaling if r["cf"] == cf), key=lambda r: r["experts"])
+            axes[1].plot([r["experts"] for r in pts], [r["us_per_token"] for r in pts], marker="o", label=f"cf {cf}")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xlabel("experts (k=2, EP fixed)")
+        axes[1].set_ylabel("us per token (fwd+bwd)")
+        axes[1].set_title("expert scaling")
+        axes[1].legend()
+        fig.tight_layout()
+
+    write_report(a.out, report, md, plot)
+    print("\n".join(md), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

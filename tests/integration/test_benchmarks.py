@@ -1,0 +1,58 @@
+"""Every benchmark of issue 8 runs at a tiny size and writes its documented outputs.
+
+No timing assertions: only that each script runs, writes JSON + markdown + PNG, and that
+the JSON has the documented keys with sane values. The layer breakdown must account for
+the layer's measured time (phase sum within 10% of the wall time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.launcher import REPO, clean_env
+
+
+def _run(script: str, out: Path, *args: str, timeout: int = 420) -> dict:
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--out", str(out), *args],
+                          cwd=REPO, env={**clean_env(), "DS_ACCELERATOR": "cpu"}, timeout=timeout,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("command", "config", "versions", "hardware"):
+        assert key in report, key
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").exists()
+    return report
+
+
+def test_layer_breakdown_tiny(tmp_path) -> None:
+    report = _run("layer_breakdown.py", tmp_path / "lb.json", "--tiny")
+    rows = report["rows"]
+    assert {(r["cf"], r["ep"]) for r in rows if r["section"] == "grid"} == {
+        ("1.25", 1), ("dropless", 1), ("1.25", 2), ("dropless", 2)}
+    for r in rows:
+        # The breakdown accounts for the layer: phase sum within 10% of the measured time.
+        assert 0.9 <= r["phase_sum_over_measured"] <= 1.1, r
+        assert 0.0 <= r["drop_fraction"] <= 1.0
+        assert r["phases_ms"]["experts"]["forward_ms"] > 0 and r["phases_ms"]["experts"]["backward_ms"] > 0
+        if r["cf"] == "dropless":
+            assert r["drop_fraction"] == 0.0 and r["padding_waste_fraction"] == 0.0
+        if r["ep"] == 2:
+            assert r["phases_ms"]["dispatch_a2a"]["backward_ms"] > 0
+    assert set(report["time_per_token_growth_vs_fewest_experts"]["1.25"]) == {"4", "8"}
+
+
+def test_compare_deepspeed_tiny(tmp_path) -> None:
+    report = _run("compare_deepspeed.py", tmp_path / "c.json", "--tokens", "128", "--hidden", "32",
+                  "--ffn", "64", "--iters", "2", "--warmup", "1", "--capacity-factor", "2.0")
+    for key in ("speedup_vs_deepspeed", "memory_ratio_vs_deepspeed", "efficiency_vs_floor"):
+        assert report[key] > 0, key
+    assert report["config"]["capacity_factor"] == 2.0
+    assert report["versions"]["deepspeed"]
+    # DeepSpeed pads every expert to capacity: E * C rows per rank; we compute kept rows only.
+    cap = -(-2.0 * 128 * 2 // 16)
+    assert report["expert_rows_per_rank"]["deepspeed"] == 16 * max(4, int(cap))
+    assert max(report["expert_rows_per_rank"]["ours"]) <= 16 * max(4, int(cap))
+    prof = report["profile"][0]["layers"]["moe"]
+    assert len(prof["per_rank"]["routed_RE"]) == 2 and len(prof["per_rank"]["routed_RE"][0]) == 16
