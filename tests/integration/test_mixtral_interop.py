@@ -15,8 +15,7 @@ import functools
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")  # the optional 'hf' extra
-
+# Needs the optional 'hf' extra (transformers); a missing install fails, not skips.
 from transformers import MixtralConfig, MixtralForCausalLM  # noqa: E402
 
 from expert_parallel import ParallelGroups  # noqa: E402
