@@ -50,6 +50,8 @@ class TrainConfig:
     """Hidden size of each expert MLP."""
     router: str = "softmax_topk"
     """Router kind (see MoEConfig.router)."""
+    top_p: Optional[float] = None
+    """Cumulative probability for router='top_p' (top_k is then the maximum k)."""
     capacity_factor: Optional[float] = 1.25
     """Training capacity factor; none = dropless."""
     eval_capacity_factor: Optional[float] = 2.0
@@ -148,7 +150,7 @@ class TrainConfig:
     def moe_config(self) -> MoEConfig:
         return MoEConfig(
             hidden_size=self.d_model, ffn_hidden_size=self.expert_ffn_hidden,
-            num_experts=self.num_experts, top_k=self.top_k, router=self.router,
+            num_experts=self.num_experts, top_k=self.top_k, router=self.router, top_p=self.top_p,
             capacity_factor=self.capacity_factor, eval_capacity_factor=self.eval_capacity_factor,
             min_capacity=self.min_capacity, drop_policy=self.drop_policy,
             aux_loss_coeff=self.aux_loss_coeff, z_loss_coeff=self.z_loss_coeff,

@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Optional
 
+from ..moe.metrics import CollapseConfig, CollapseTracker, plot_collapse
 from .config import TrainConfig
 
 
@@ -21,6 +22,7 @@ class RunLogger:
         self.cfg, self.active = cfg, active
         self.history: list[dict] = []
         self.tb = None
+        self.collapse = CollapseTracker(CollapseConfig(window=100))
         if not active:
             return
         os.makedirs(cfg.out, exist_ok=True)
@@ -49,15 +51,17 @@ class RunLogger:
         for name, s in result.stats.items():
             d = s.to_dict()
             layers[name] = {"drop_fraction": d["drop_fraction"], "kept": d["kept"],
-                            "routed": d["routed"], "load_imbalance": d["load_imbalance"]}
+                            "routed": d["routed"], "load_imbalance": d["load_imbalance"],
+                            "experts_per_token_mean": d["experts_per_token_mean"]}
             routed += sum(d["routed"])
             kept += sum(d["kept"])
         drop = 1.0 - kept / routed if routed else 0.0
+        self.collapse.update(result.stats)  # entropy, dead experts, top share, confidence
         record = {
             "step": step, "loss": result.loss, "aux_loss": result.aux_loss, "lr": lr,
             "grad_norm": grad_norm, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
             "a2a_share": a2a_share, "drop_fraction": drop, "skipped": result.skipped,
-            "phases_s": phases, "layers": layers,
+            "phases_s": phases, "layers": layers, "collapse": self.collapse.summary(),
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
@@ -69,6 +73,8 @@ class RunLogger:
                 self.tb.add_scalar(f"train/{key}", record[key], step)
             for name, layer in layers.items():
                 self.tb.add_scalar(f"drop_fraction/{name}", layer["drop_fraction"], step)
+            for key, value in self.collapse.scalars().items():
+                self.tb.add_scalar(key, value, step)
             if val_loss is not None:
                 self.tb.add_scalar("val/loss", val_loss, step)
         val = f" val {val_loss:.4f}" if val_loss is not None else ""
@@ -100,6 +106,7 @@ class RunLogger:
             },
             "tokens_per_expert": load,
             "mean_a2a_share": sum(r["a2a_share"] for r in history) / len(history) if history else 0.0,
+            "collapse": self.collapse.summary(),
             **summary_fields,
         }
         summary["report_png"] = self.plot()
@@ -129,7 +136,7 @@ class RunLogger:
         if not records:
             return None
         steps = [r["step"] for r in records]
-        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        fig, axes = plt.subplots(1, 5, figsize=(26, 4.5))
         axes[0].plot(steps, [r["loss"] for r in records], label="train")
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         if val:
@@ -148,6 +155,7 @@ class RunLogger:
                                 extent=(steps[0], steps[-1], grid.shape[0] - 0.5, -0.5))
             axes[2].set(title=f"tokens per expert ({first})", xlabel="step", ylabel="expert")
             fig.colorbar(im, ax=axes[2])
+        plot_collapse(records, axes[3], axes[4])  # routing entropy, dead experts per layer
         fig.tight_layout()
         path = os.path.join(self.cfg.out, "report.png")
         fig.savefig(path, dpi=90)

@@ -39,6 +39,9 @@ def test_two_and_four_processes_write_metrics_and_summary(tmp_path, ep_runs) -> 
                     "tokens_per_expert", "report_png"):
             assert key in s, key
         assert 0 < s["final_train_loss"] < 10 and s["tokens_per_s"] > 0
+        for layer in s["collapse"].values():  # expert-collapse metrics per MoE layer
+            assert 0 < layer["routing_entropy_norm"] <= 1.0 + 1e-6
+            assert 0 <= layer["dead_experts"] <= 4 and 0 < layer["max_expert_share"] <= 1
         assert (out / "report.png").stat().st_size > 1000
         for rec in metrics(out):
             assert {"loss", "aux_loss", "drop_fraction", "a2a_share", "tokens_per_s"} <= set(rec)
