@@ -56,3 +56,18 @@ def test_compare_deepspeed_tiny(tmp_path) -> None:
     assert max(report["expert_rows_per_rank"]["ours"]) <= 16 * max(4, int(cap))
     prof = report["profile"][0]["layers"]["moe"]
     assert len(prof["per_rank"]["routed_RE"]) == 2 and len(prof["per_rank"]["routed_RE"][0]) == 16
+
+
+def test_drop_vs_capacity_tiny(tmp_path) -> None:
+    report = _run("drop_vs_capacity.py", tmp_path / "d.json", "--steps", "2", "--eval-batches", "1",
+                  "--capacity-factors", "0.5,1.0,2.0")
+    results = report["results"]
+    assert set(results) == {"uniform, aux loss", "uniform, no aux loss", "zipf, aux loss", "zipf, no aux loss"}
+    for cells in results.values():
+        assert list(cells) == ["0.5", "1.0", "2.0", "dropless"]
+        drops = [cells[c]["drop_fraction"] for c in cells]
+        # More capacity never drops more; dropless drops nothing.
+        assert drops == sorted(drops, reverse=True) and drops[-1] == 0.0 and drops[0] > 0.0
+    # The Zipf bias really skews the load (same seed, same model otherwise).
+    assert results["zipf, no aux loss"]["dropless"]["max_over_mean_load"] > \
+        results["uniform, no aux loss"]["dropless"]["max_over_mean_load"]
