@@ -104,9 +104,13 @@ class GroupedExperts(nn.Module):
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         outs = []
+        # unbind, not w[l]: the backward of w[l] materialises a zero [e, ...] gradient per
+        # expert (O(e^2) memory traffic, ~5x slower at 32 local experts on CPU); unbind's
+        # backward stacks the e slices once.
+        w1s, w2s = self.w1_eDF.unbind(0), self.w2_eFD.unbind(0)
+        w3s = self.w3_eDF.unbind(0) if self.w3_eDF is not None else None
         for l, x_nD in enumerate(torch.split(x_ND, list(counts))):
-            w3 = self.w3_eDF[l] if self.w3_eDF is not None else None
-            outs.append(self._mlp(x_nD, self.w1_eDF[l], w3, self.w2_eFD[l]))
+            outs.append(self._mlp(x_nD, w1s[l], w3s[l] if w3s is not None else None, w2s[l]))
         if not outs:
             return x_ND.new_zeros(0, self.config.hidden_size)
         return torch.cat(outs, dim=0)
