@@ -71,3 +71,30 @@ def test_drop_vs_capacity_tiny(tmp_path) -> None:
     # The Zipf bias really skews the load (same seed, same model otherwise).
     assert results["zipf, no aux loss"]["dropless"]["max_over_mean_load"] > \
         results["uniform, no aux loss"]["dropless"]["max_over_mean_load"]
+
+
+def _profile_file(tmp_path: Path) -> Path:
+    """A profiler record with a hand-made skewed per-rank per-expert load."""
+    rec = {"step": 0, "layers": {"moe": {"per_rank": {"routed_RE": [[40, 20, 10, 10], [40, 20, 10, 10]]}}}}
+    path = tmp_path / "profile.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    return path
+
+
+def test_cluster_model_tiny(tmp_path) -> None:
+    report = _run("cluster_model.py", tmp_path / "cm.json", "--profile", str(_profile_file(tmp_path)),
+                  "--gpus", "8,16,64", "--seed", "1", timeout=120)
+    # Measured shape: 80/40/20/20 of 160 -> max/mean 2.0.
+    assert abs(report["load_max_over_mean"] - 2.0) < 1e-9
+    preds = report["predictions"]
+    assert {(p["gpus"], p["algorithm"]) for p in preds if p["tokens_per_gpu"] == 4096} == {
+        (n, a) for n in (8, 16, 64) for a in ("flat", "hierarchical", "deepep_style")}
+    for p in preds:
+        assert p["dispatch_ms"] > 0 and 0 < p["overhead_share"] < 1
+    one_node = [p for p in preds if p["gpus"] == 8 and p["tokens_per_gpu"] == 4096]
+    # Inside one node there is no inter-node hop: all three exchanges coincide.
+    assert len({round(p["dispatch_ms"], 9) for p in one_node}) == 1
+    cal = report["calibration_vs_published"]
+    assert "DeepEP" in cal["source"] and len(cal["normal_kernels"]) == 4 and len(cal["low_latency_kernels"]) == 6
+    for c in cal["normal_kernels"]:
+        assert c["model_dispatch_GBps"] > 0
