@@ -1,1 +1,13 @@
-"""Phase timers, bytes moved and reports for the MoE data path."""
+"""Phase timers, bytes moved and reports for the MoE data path.
+
+* ``timer.py``: ``NULL_TIMER`` / ``PhaseTimer`` (forward phases, backward marks, bytes).
+* ``profiler.py``: ``MoEProfiler`` / ``ProfilerConfig`` -- a window of profiled steps,
+  aggregated over ranks into JSON records, TensorBoard scalars and a markdown table.
+* ``records.py``: how a record is built and what each field means.
+"""
+
+from .profiler import MoEProfiler, ProfilerConfig
+from .records import markdown_table
+from .timer import NULL_TIMER, PHASES, PhaseTimer
+
+__all__ = ["MoEProfiler", "ProfilerConfig", "PhaseTimer", "NULL_TIMER", "PHASES", "markdown_table"]
