@@ -203,3 +203,30 @@ def test_config_validation_names_field(kwargs, field) -> None:
 def test_profiler_rejects_empty_layers() -> None:
     with pytest.raises(ValueError, match="layers"):
         MoEProfiler({}, ParallelGroups.single())
+
+
+def test_profiler_on_the_launcher_model(tmp_path) -> None:
+    """The launcher's MoE transformer: one record per step with every MoE layer, and
+    the model's output unchanged by profiling (marks are identities)."""
+    from expert_parallel.models.transformer import ModelConfig, MoETransformer
+
+    cfg = ModelConfig(vocab_size=32, seq_len=16, d_model=16, n_layers=2, n_heads=2,
+                      moe=MoEConfig(hidden_size=16, ffn_hidden_size=32, num_experts=4, top_k=2,
+                                    capacity_factor=1.25))
+    model = MoETransformer(cfg, ParallelGroups.single(), seed=0)
+    tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = model(tokens).logits.detach()
+    prof = MoEProfiler(model.moe_layers(), ParallelGroups.single(), ProfilerConfig(0, 1, out_dir=str(tmp_path)))
+    prof.step_begin(0)
+    t0 = time.perf_counter()
+    out = model(tokens)
+    (out.logits.square().mean() + out.aux_loss).backward()
+    rec = prof.step_end(0, step_time_s=time.perf_counter() - t0)
+    prof.close()
+    assert torch.equal(out.logits.detach(), reference)
+    assert set(rec["layers"]) == set(model.moe_layers())
+    for layer in rec["layers"].values():
+        assert layer["phases"]["unattributed"]["backward_s"] == 0.0
+        assert layer["tokens"]["num_tokens"] == 32
+    assert 0 < rec["moe_share"] < 1
+    assert (tmp_path / "moe_profile.md").exists()
