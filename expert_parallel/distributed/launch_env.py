@@ -381,6 +381,19 @@ def init_distributed(backend: str | None = None, timeout: timedelta = timedelta(
     export_env(info)
     if dist.is_initialized():
         return info
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if info.launcher == "torchrun" and restart is not None:
+        # torchrun keeps ONE store for every restart round of an elastic job. Without a
+        # per-round prefix, a restarted rank can read the address a dead peer published
+        # in the previous round and fail with "connectFullMesh ... Connection refused".
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
+                              is_master=not agent_store and info.rank == 0, timeout=timeout,
+                              multi_tenant=True)
+        dist.init_process_group(backend=backend or default_backend(),
+                                store=dist.PrefixStore(f"restart_{restart}", store),
+                                rank=info.rank, world_size=info.world_size, timeout=timeout)
+        return info
     dist.init_process_group(backend=backend or default_backend(), init_method="env://",
                             rank=info.rank, world_size=info.world_size, timeout=timeout)
     return info

@@ -281,6 +281,8 @@ def test_launcher_stuck_worker_fails_within_collective_timeout(tmp_path: Path) -
 # ============================================================ elastic restart
 def test_elastic_restart_after_sigkill_is_bitwise_identical(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "elastic"
+    # torchrun reuses one store across restart rounds; launch_env prefixes it per round
+    # (without that, a restarted rank could read a dead peer's stale address).
     proc = _start(out, *RUN, "--resume", extra=("--max-restarts=2",))
     try:
         first = _wait_for(lambda: (w := _workers(proc.pid)) and len(w) == 2 and w, 120, "workers")
