@@ -107,12 +107,14 @@ def analyse(samples: list[dict], steps: int) -> dict:
     per_rank = {}
     for r in ranks:
         base = _window_mean(samples, r, warmup, base_hi)
-        tail = _window_mean(samples, r, tail_lo, steps)
+        # Samples taken at the last step include the final save and process teardown
+        # (RSS falls as the worker exits), which would flatter the tail; leave them out.
+        tail = _window_mean(samples, r, tail_lo, steps - 1)
         peak = max(s["rss_mb"][r] for s in samples if r in s["rss_mb"])
         per_rank[r] = {"rss_after_warmup_mb": base, "rss_end_mb": tail, "peak_rss_mb": peak,
                        "growth_after_warmup": tail / base - 1.0}
     worst = max(v["growth_after_warmup"] for v in per_rank.values())
-    return {"warmup_steps": warmup, "baseline_steps": [warmup, base_hi], "tail_steps": [tail_lo, steps],
+    return {"warmup_steps": warmup, "baseline_steps": [warmup, base_hi], "tail_steps": [tail_lo, steps - 1],
             "per_rank": per_rank, "max_growth_after_warmup": worst, "target": 0.05,
             "passed": worst < 0.05}
 
