@@ -47,17 +47,26 @@ done
 if [ -e "/run/netns/$PREFIX-n1" ] || [ -e "/run/netns/$PREFIX-n2" ]; then
   echo "start.sh: a cluster already exists ($PREFIX); run stop.sh first" >&2; exit 4
 fi
+if [ -d "$DIR" ] && [ -n "$(ls -A "$DIR")" ] && [ ! -f "$DIR/cluster.env" ]; then
+  echo "start.sh: $DIR exists and is not a cluster directory; choose another --dir" >&2; exit 4
+fi
 rm -rf "$DIR"  # logs kept by a failed start or `stop.sh --keep`
 
 # Anything that fails from here on tears down what was already started.
 trap '"$HERE/stop.sh" --dir "$DIR" --prefix "$PREFIX" >/dev/null 2>&1 || true' ERR
 
-mkdir -p "$DIR"/{munge,ctld,log,n1,n2}
+mkdir -p "$DIR"/{ctld,log,n1,n2}
+# munged runs as user munge and refuses paths it cannot traverse (pytest's 0700 tmp
+# dirs, for one), so its key and socket live under /run instead of DIR.
+MUNGE_DIR=/run/$PREFIX-munge
+rm -rf "$MUNGE_DIR"
+mkdir -p "$MUNGE_DIR"
 chmod 755 "$DIR"
 cat > "$DIR/cluster.env" <<EOF
 CLUSTER_DIR=$DIR
 CLUSTER_PREFIX=$PREFIX
 SLURM_CONF=$DIR/slurm.conf
+MUNGE_DIR=$MUNGE_DIR
 EOF
 
 # ---- network: two namespaces, one veth pair ------------------------------------------
@@ -85,14 +94,14 @@ cat > "$DIR/hosts" <<EOF
 EOF
 
 # ---- munge ----------------------------------------------------------------------------
-chown munge:munge "$DIR/munge"
-chmod 755 "$DIR/munge"
-dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
-chown munge:munge "$DIR/munge/munge.key"
-chmod 400 "$DIR/munge/munge.key"
-runuser -u munge -- munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
-  --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-  --seed-file="$DIR/munge/munged.seed" --num-threads=2
+chown munge:munge "$MUNGE_DIR"
+chmod 755 "$MUNGE_DIR"
+dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
+chown munge:munge "$MUNGE_DIR/munge.key"
+chmod 400 "$MUNGE_DIR/munge.key"
+runuser -u munge -- munged --key-file="$MUNGE_DIR/munge.key" --socket="$MUNGE_DIR/munge.socket" \
+  --pid-file="$MUNGE_DIR/munged.pid" --log-file="$MUNGE_DIR/munged.log" \
+  --seed-file="$MUNGE_DIR/munged.seed" --num-threads=2
 
 # ---- slurm.conf ---------------------------------------------------------------------
 cat > "$DIR/slurm.conf" <<EOF
@@ -103,7 +112,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+AuthInfo=socket=$MUNGE_DIR/munge.socket
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$DIR/ctld

@@ -18,11 +18,13 @@ while [ $# -gt 0 ]; do
     *) echo "stop.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+MUNGE_DIR=""
+# shellcheck disable=SC1091
+[ -f "$DIR/cluster.env" ] && . "$DIR/cluster.env"
 if [ -z "$PREFIX" ]; then
-  PREFIX=epc
-  # shellcheck disable=SC1091
-  [ -f "$DIR/cluster.env" ] && . "$DIR/cluster.env" && PREFIX=$CLUSTER_PREFIX
+  PREFIX=${CLUSTER_PREFIX:-epc}
 fi
+MUNGE_DIR=${MUNGE_DIR:-/run/$PREFIX-munge}
 
 ns_pids() {
   for n in 1 2; do
@@ -30,7 +32,7 @@ ns_pids() {
   done
 }
 pidfile_pids() {
-  for f in "$DIR/ctld/slurmctld.pid" "$DIR"/n?/slurmd.pid "$DIR/munge/munged.pid"; do
+  for f in "$DIR/ctld/slurmctld.pid" "$DIR"/n?/slurmd.pid "$MUNGE_DIR/munged.pid"; do
     [ -f "$f" ] && cat "$f"
   done
 }
@@ -64,5 +66,6 @@ if [ -n "$left" ]; then
   echo "stop.sh: processes survived: $left" >&2
   exit 1
 fi
-[ "$KEEP" -eq 1 ] || rm -rf "$DIR"
+rm -rf "$MUNGE_DIR"
+[ "$KEEP" -eq 1 ] || [ ! -f "$DIR/cluster.env" ] || rm -rf "$DIR"
 echo "cluster stopped"
