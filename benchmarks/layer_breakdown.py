@@ -5,8 +5,10 @@ count exchange, dispatch all-to-all, experts, combine all-to-all, unpermute -- a
 does that change with capacity factor (1.0, 1.25, 2.0, dropless) x EP size (1, 2, 4) x
 experts (8, 16, 64) x top-k (1, 2)? With the drop fraction of each point.
 
-Method: for each EP size, ``EP`` gloo ranks (one intra-op thread each) build each layer,
-warm up, then run ``--iters`` forward+backward iterations under ``MoEProfiler``. Each rank
+Method: for each EP size, ``EP`` gloo ranks (one intra-op thread each) build every layer
+of the section, then run warm-up and ``--iters`` forward+backward iterations under
+``MoEProfiler``, interleaving the layers iteration by iteration (rotating order) so that
+load drift on the shared machine hits every point alike. Each rank
 also times every iteration with its own wall clock; ``phase_sum_over_measured`` is, per
 rank, (sum of forward phases + backward segments) / measured time, averaged over ranks
 and iterations -- the check that the breakdown accounts for the layer's time (the
@@ -57,6 +59,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-hidden", type=int, default=512)
     p.add_argument("--scaling-ffn", type=int, default=2048)
     p.add_argument("--scaling-ep", type=int, default=2)
+    p.add_argument("--scaling-iters", type=int, default=6)
     p.add_argument("--tiny", action="store_true", help="smoke size: a 2x2 grid, small layer")
     p.add_argument("--out", default="benchmarks/results/layer_breakdown.json")
     a = p.parse_args(argv)
@@ -64,7 +67,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
         a.capacity_factors, a.ep_sizes, a.experts, a.top_k = "1.25,dropless", "1,2", "4", "2"
         a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 512, 64, 256, 3, 1
         a.scaling_experts, a.scaling_capacity_factors = "4,8", "1.25"
-        a.scaling_tokens, a.scaling_hidden, a.scaling_ffn = 512, 64, 256
+        a.scaling_tokens, a.scaling_hidden, a.scaling_ffn, a.scaling_iters = 512, 64, 256, 3
     return a
 
 
@@ -81,38 +84,56 @@ def _points(a: argparse.Namespace, ep: int) -> list[dict]:
     return pts
 
 
-def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int) -> list[dict]:
+def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
+            scaling_iters: int) -> list[dict]:
     from expert_parallel import MoEConfig, MoELayer, ParallelGroups
     from expert_parallel.profiling.profiler import MoEProfiler, ProfilerConfig
 
     groups = ParallelGroups.build(world)
-    out = []
+    state = []
     for pt in points:
         cfg = MoEConfig(hidden_size=pt["hidden"], ffn_hidden_size=pt["ffn"], num_experts=pt["experts"],
                         top_k=pt["top_k"], capacity_factor=CF_CHOICES[pt["cf"]], activation="gelu",
                         router="switch" if pt["top_k"] == 1 else "softmax_topk")
         layer = MoELayer(cfg, groups, seed=0)
         x = torch.randn(pt["tokens"], pt["hidden"], generator=torch.Generator().manual_seed(rank + 1))
-        prof = MoEProfiler({"moe": layer}, groups, ProfilerConfig(start_step=warmup, num_steps=iters))
-        measured, slowest = [], []
-        for step in range(warmup + iters):
-            dist.barrier()
-            prof.step_begin(step)
-            xx = x.clone().requires_grad_(True)
-            t0 = time.perf_counter()
-            res = layer(xx)
-            (res.output.square().mean() + res.aux_loss).backward()
-            dt = time.perf_counter() - t0
-            prof.step_end(step, step_time_s=dt)
-            t = torch.tensor([dt], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            if step >= warmup:
-                measured.append(dt)
-                slowest.append(float(t))
+        n = scaling_iters if pt["section"] == "scaling" else iters
+        prof = MoEProfiler({"moe": layer}, groups, ProfilerConfig(start_step=warmup, num_steps=n))
+        state.append({"pt": pt, "layer": layer, "x": x, "prof": prof, "steps": warmup + n,
+                      "measured": [], "slowest": []})
+    # Interleave the points of a section iteration by iteration (rotating the order), so
+    # drift in the machine's load (other jobs on the 2 cores) hits every point alike.
+    for section in ("grid", "scaling"):
+        items = [st for st in state if st["pt"]["section"] == section]
+        if not items:
+            continue
+        for step in range(max(st["steps"] for st in items)):
+            rot = step % len(items)
+            for st in items[rot:] + items[:rot]:
+                if step >= st["steps"]:
+                    continue
+                dist.barrier()
+                st["prof"].step_begin(step)
+                xx = st["x"].clone().requires_grad_(True)
+                t0 = time.perf_counter()
+                res = st["layer"](xx)
+                (res.output.square().mean() + res.aux_loss).backward()
+                dt = time.perf_counter() - t0
+                st["prof"].step_end(step, step_time_s=dt)
+                t = torch.tensor([dt], dtype=torch.float64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                if step >= warmup:
+                    st["measured"].append(dt)
+                    st["slowest"].append(float(t))
+        for st in items:  # free the big layers before the next section
+            st["layer"] = st["x"] = None
+    out = []
+    for st in state:
         # Each rank: its own (phase sum) / (its own wall time), per measured iteration.
+        recs = st["prof"].records
         ratios = [rec["layers"]["moe"]["per_rank"]["phase_sum_s"][rank] / dt
-                  for rec, dt in zip(prof.records, measured)]
-        out.append({"ratios": ratios, **({"point": pt, "records": prof.records, "slowest_s": slowest}
+                  for rec, dt in zip(recs, st["measured"])]
+        out.append({"ratios": ratios, **({"point": st["pt"], "records": recs, "slowest_s": st["slowest"]}
                                          if rank == 0 else {})})
     return out
 
@@ -149,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not points:
             continue
         t0 = time.perf_counter()
-        per_rank = spawn(_worker, ep, points, a.iters, a.warmup, threads=1)
+        per_rank = spawn(_worker, ep, points, a.iters, a.warmup, a.scaling_iters, threads=1)
         for i, item in enumerate(per_rank[0]):
             ratios = [r for rank_out in per_rank for r in rank_out[i]["ratios"]]
             rows.append(_summarize(item["point"], item["records"], item["slowest_s"], ratios))
