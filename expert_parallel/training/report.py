@@ -20,7 +20,13 @@ from .config import TrainConfig
 class RunLogger:
     def __init__(self, cfg: TrainConfig, active: bool) -> None:
         self.cfg, self.active = cfg, active
-        self.history: list[dict] = []
+        # Running totals for summary.json (constant memory over any number of steps;
+        # the per-step records live in metrics.jsonl, which the PNG report reads back).
+        self.steps_logged = 0
+        self.last_loss: Optional[float] = None
+        self.a2a_share_sum = 0.0
+        self.drop_sum: dict[str, float] = {}
+        self.kept_sum: dict[str, list[int]] = {}
         self.tb = None
         self.collapse = CollapseTracker(CollapseConfig(window=100))
         if not active:
@@ -65,7 +71,13 @@ class RunLogger:
         }
         if val_loss is not None:
             record["val_loss"] = val_loss
-        self.history.append(record)
+        self.steps_logged += 1
+        self.last_loss = result.loss
+        self.a2a_share_sum += a2a_share
+        for name, layer in layers.items():
+            self.drop_sum[name] = self.drop_sum.get(name, 0.0) + layer["drop_fraction"]
+            prev = self.kept_sum.get(name)
+            self.kept_sum[name] = [a + b for a, b in zip(prev, layer["kept"])] if prev else list(layer["kept"])
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
         if self.tb is not None:
@@ -89,23 +101,12 @@ class RunLogger:
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()
-        history = self.history
-        last_layers = history[-1]["layers"] if history else {}
-        load = {}
-        for name in last_layers:
-            totals: list[int] = []
-            for rec in history:
-                kept = rec["layers"][name]["kept"]
-                totals = [a + b for a, b in zip(totals, kept)] if totals else list(kept)
-            load[name] = totals
+        n = max(self.steps_logged, 1)
         summary = {
-            "final_train_loss": history[-1]["loss"] if history else None,
-            "drop_fraction_per_layer": {
-                n: sum(r["layers"][n]["drop_fraction"] for r in history) / len(history)
-                for n in last_layers
-            },
-            "tokens_per_expert": load,
-            "mean_a2a_share": sum(r["a2a_share"] for r in history) / len(history) if history else 0.0,
+            "final_train_loss": self.last_loss,
+            "drop_fraction_per_layer": {name: total / n for name, total in self.drop_sum.items()},
+            "tokens_per_expert": self.kept_sum,
+            "mean_a2a_share": self.a2a_share_sum / n,
             "collapse": self.collapse.summary(),
             **summary_fields,
         }
