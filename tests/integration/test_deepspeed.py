@@ -4,8 +4,9 @@
   same seed and data (fp32, tolerance 1e-5 relative; measured difference <= 2e-7).
   Gradient clipping is active in these runs (norm ~2 > clip 1), so a wrong expert
   gradient scale changes the trajectory: with DeepSpeed's non-contiguous ZeRO-1
-  reduction (expert grads averaged over EDP, 2x too large here) the loss is off by ~1e-4
-  at step 2 and the norm by ~3e-4 relative, which these tolerances catch.
+  reduction (expert grads averaged over EDP, 2x too large here) the norm is off by 2.5e-4
+  relative at step 1 and the loss by 6e-5 at step 2, 1e-3 at step 6 (measured), which
+  these tolerances catch.
 * Every expert is bit-identical on its EDP replicas after every step (checksums the
   trainer all-gathers and writes to ``deepspeed_replicas.jsonl``).
 * ZeRO shards: the dense fp32 master and Adam state are split 4 ways, the experts' 2 ways.
