@@ -11,7 +11,12 @@ Usage (every rank of the job calls the same methods with the same step numbers):
         if record: log(record["a2a_share"])
     profiler.close()   # writes the markdown table; closes TensorBoard
 
-Cost model. Outside the window nothing is attached: the layers hold ``NULL_TIMER``, no
+Every rank must call ``step_begin``/``step_end`` for the same steps (``step_end`` is a
+collective inside the window). A timer the layers held before the window (e.g. a
+launcher's own ``PhaseTimer``) is put back afterwards.
+
+Cost model. Outside the window nothing is attached: the layers keep whatever timer
+they had (``NULL_TIMER`` by default: no cost at all), no
 hook is registered, and ``step_begin``/``step_end`` return at once, so a disabled
 profiler adds no collective, no host sync and no autograd node. Inside the window each
 layer gets its own :class:`PhaseTimer` plus a forward pre/post hook (wall clock on CPU,
@@ -99,6 +104,7 @@ class MoEProfiler:
         self._timers: dict[str, PhaseTimer] = {}
         self._stats: dict[str, list[MoEStats]] = {}
         self._hooks: list[Any] = []
+        self._previous: dict[str, Any] = {}
         self._writer = writer
         self._own_writer = False
         self._is_rank0 = groups.rank == 0
@@ -159,6 +165,7 @@ class MoEProfiler:
         for name, layer in self.layers.items():
             timer = PhaseTimer(self.device)
             self._timers[name] = timer
+            self._previous[name] = layer.timer  # restored after the window
             layer.set_timer(timer)
             self._hooks.append(layer.register_forward_pre_hook(self._pre_hook(name, timer)))
             self._hooks.append(layer.register_forward_hook(self._post_hook(name, timer)))
@@ -167,8 +174,9 @@ class MoEProfiler:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        for layer in self.layers.values():
-            layer.set_timer(NULL_TIMER)
+        for name, layer in self.layers.items():
+            if name in self._timers:
+                layer.set_timer(self._previous.pop(name, NULL_TIMER))
         self._timers.clear()
 
     @staticmethod

@@ -230,3 +230,15 @@ def test_profiler_on_the_launcher_model(tmp_path) -> None:
         assert layer["tokens"]["num_tokens"] == 32
     assert 0 < rec["moe_share"] < 1
     assert (tmp_path / "moe_profile.md").exists()
+
+
+def test_previous_timer_is_restored_after_the_window() -> None:
+    layer = _layer()
+    own = PhaseTimer()
+    layer.set_timer(own)
+    prof = MoEProfiler({"moe": layer}, ParallelGroups.single(), ProfilerConfig(0, 1))
+    prof.step_begin(0)
+    assert layer.timer is not own
+    _step(layer, 0)
+    prof.step_end(0)
+    assert layer.timer is own and layer.dispatcher.timer is own
