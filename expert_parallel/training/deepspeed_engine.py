@@ -294,6 +294,7 @@ class DeepSpeedTrainer(Trainer):
         self._check_engine(groups)
         # The DeepSpeed config decides precision (bf16 params or fp32): no extra autocast.
         self.autocast = None
+        self._last_lr = 0.0
         self.replica_log = os.path.join(cfg.out, REPLICA_LOG) if self.rank == 0 else None
         self.logger.info(f"deepspeed {self.ds_version}: ZeRO-{self.ds_config['zero_optimization']['stage']}, "
                          f"{'bf16' if bf16_enabled(self.ds_config) else 'fp32'}, clip "
@@ -353,6 +354,7 @@ class DeepSpeedTrainer(Trainer):
         if self.owns_lr:
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr_at(cfg, self.step)
+        self._last_lr = float(self.engine.optimizer.param_groups[0]["lr"])
         # Clipping (config gradient_clipping, global norm: each expert counted once),
         # optimizer step on the local shard, all-gather of updated weights, zero_grad.
         with comm_scope("deepspeed", "zero_step", "backward"), guard("all_gather"):
@@ -364,6 +366,9 @@ class DeepSpeedTrainer(Trainer):
                 layer.update_expert_bias(stats[name])
         self._check_replicas(self.step + 1)
         return StepResult(loss, aux, stats, skipped=False)
+
+    def step_lr(self) -> float:
+        return self._last_lr
 
     def _check_replicas(self, step: int) -> None:
         """Every expert must be bit-identical on all its EDP replicas after each step.

@@ -232,6 +232,11 @@ class Trainer:
                          f"(written at world {manifest.get('world_size')}, ep {manifest.get('ep_size')})")
         return path
 
+    def step_lr(self) -> float:
+        """The learning rate the step just taken used (the DeepSpeed trainer overrides:
+        there a scheduler from its config may set it)."""
+        return lr_at(self.cfg, self.step - 1)
+
     # -- the run ------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.cfg
@@ -259,7 +264,7 @@ class Trainer:
             evaluated = self.step % cfg.eval_every == 0 or self.step == last_step
             if evaluated:
                 val_loss = self.evaluate()
-            self.logger.log_step(self.step, result, lr_at(cfg, self.step - 1), dt,
+            self.logger.log_step(self.step, result, self.step_lr(), dt,
                                  tokens_per_step / dt, a2a / dt if dt > 0 else 0.0,
                                  self.grad_norm, phases, val_loss if evaluated else None)
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == last_step:
