@@ -246,14 +246,25 @@ def _moe_marker_class() -> type:
     return _MoEMarker
 
 
+_CHECKSUM_WEIGHTS: dict[int, torch.Tensor] = {}
+
+
 def expert_checksum(model: nn.Module) -> int:
-    """Exact fingerprint of this rank's expert weights (position-weighted byte sum)."""
+    """Exact fingerprint of this rank's expert weights: a position-weighted sum of their
+    raw bits read as int32 words (int16 for an odd number of 2-byte elements)."""
     _, expert = split_params(model)
-    if not expert:
+    words = []
+    for p in expert:
+        flat = p.detach().reshape(-1).cpu().contiguous()
+        nbytes = flat.numel() * flat.element_size()
+        words.append(flat.view(torch.int32 if nbytes % 4 == 0 else torch.int16).long())
+    if not words:
         return 0
-    raw = torch.cat([p.detach().reshape(-1).cpu().contiguous().view(torch.uint8) for p in expert]).long()
-    weights = torch.arange(raw.numel(), dtype=torch.int64) % 65521 + 1
-    return int((raw * weights).sum())
+    raw = torch.cat(words)
+    weights = _CHECKSUM_WEIGHTS.get(raw.numel())
+    if weights is None:  # cached: the expert shapes never change during a run
+        weights = _CHECKSUM_WEIGHTS[raw.numel()] = torch.arange(raw.numel(), dtype=torch.int64) % 65521 + 1
+    return int(torch.dot(raw, weights))
 
 
 # ------------------------------------------------------------------------- trainer
