@@ -10,8 +10,10 @@ of the section, then run warm-up and ``--iters`` forward+backward iterations und
 ``MoEProfiler``, interleaving the layers iteration by iteration (rotating order) so that
 load drift on the shared machine hits every point alike. Each rank
 also times every iteration with its own wall clock; ``phase_sum_over_measured`` is, per
-rank, (sum of forward phases + backward segments) / measured time, averaged over ranks
-and iterations -- the check that the breakdown accounts for the layer's time (the
+rank and iteration, (sum of forward phases + backward segments) and the measured time,
+pooled: sum of the former over sum of the latter (other jobs on the shared cores can
+steal milliseconds anywhere; pooling spreads that in proportion; the median of the
+per-iteration ratios is reported beside it) -- the check that the breakdown accounts for the layer's time (the
 remainder is Python glue and the loss). Layer time = slowest rank, median.
 
 Expert scaling: ``--scaling-*`` runs E in (8, 16, 64) at fixed top-k 2, EP 2, at the
@@ -65,9 +67,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.tiny:
         a.capacity_factors, a.ep_sizes, a.experts, a.top_k = "1.25,dropless", "1,2", "4", "2"
-        a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 512, 64, 256, 3, 1
+        a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 1024, 128, 512, 6, 1
         a.scaling_experts, a.scaling_capacity_factors = "4,8", "1.25"
-        a.scaling_tokens, a.scaling_hidden, a.scaling_ffn, a.scaling_iters = 512, 64, 256, 3
+        a.scaling_tokens, a.scaling_hidden, a.scaling_ffn, a.scaling_iters = 1024, 128, 512, 3
     return a
 
 
@@ -100,7 +102,7 @@ def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
         n = scaling_iters if pt["section"] == "scaling" else iters
         prof = MoEProfiler({"moe": layer}, groups, ProfilerConfig(start_step=warmup, num_steps=n))
         state.append({"pt": pt, "layer": layer, "x": x, "prof": prof, "steps": warmup + n,
-                      "measured": [], "slowest": []})
+                      "measured": [], "slowest": [], "slowest_cpu": []})
     # Interleave the points of a section iteration by iteration (rotating the order), so
     # drift in the machine's load (other jobs on the 2 cores) hits every point alike.
     for section in ("grid", "scaling"):
@@ -115,30 +117,36 @@ def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
                 dist.barrier()
                 st["prof"].step_begin(step)
                 xx = st["x"].clone().requires_grad_(True)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 res = st["layer"](xx)
                 (res.output.square().mean() + res.aux_loss).backward()
-                dt = time.perf_counter() - t0
+                dt, cdt = time.perf_counter() - t0, time.process_time() - c0
                 st["prof"].step_end(step, step_time_s=dt)
-                t = torch.tensor([dt], dtype=torch.float64)
+                t = torch.tensor([dt, cdt], dtype=torch.float64)
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 if step >= warmup:
                     st["measured"].append(dt)
-                    st["slowest"].append(float(t))
+                    st["slowest"].append(float(t[0]))
+                    st["slowest_cpu"].append(float(t[1]))
         for st in items:  # free the big layers before the next section
             st["layer"] = st["x"] = None
     out = []
     for st in state:
         # Each rank: its own (phase sum) / (its own wall time), per measured iteration.
         recs = st["prof"].records
-        ratios = [rec["layers"]["moe"]["per_rank"]["phase_sum_s"][rank] / dt
-                  for rec, dt in zip(recs, st["measured"])]
-        out.append({"ratios": ratios, **({"point": st["pt"], "records": recs, "slowest_s": st["slowest"]}
-                                         if rank == 0 else {})})
+        # Pooled over iterations (sum of phase sums / sum of wall times): a rank can lose
+        # the shared cores for milliseconds anywhere, in a phase or in the glue; pooling
+        # spreads those losses in proportion, where a per-iteration ratio would swing.
+        phase_sums = [rec["layers"]["moe"]["per_rank"]["phase_sum_s"][rank] for rec in recs]
+        all_ratios = [ps / dt for ps, dt in zip(phase_sums, st["measured"])]
+        ratios = [(sum(phase_sums), sum(st["measured"]))]
+        out.append({"ratios": ratios, "all_ratios": all_ratios, **({"point": st["pt"], "records": recs, "slowest_s": st["slowest"],
+                                          "slowest_cpu_s": st["slowest_cpu"]} if rank == 0 else {})})
     return out
 
 
-def _summarize(pt: dict, records: list[dict], slowest: list[float], ratios: list[float]) -> dict:
+def _summarize(pt: dict, records: list[dict], slowest: list[float], ratios: list[float],
+               slowest_cpu: list[float]) -> dict:
     L = [r["layers"]["moe"] for r in records]
     n = len(L)
     phases = {p: {"forward_ms": 1e3 * sum(l["phases"][p]["forward_s"] for l in L) / n,
@@ -149,9 +157,12 @@ def _summarize(pt: dict, records: list[dict], slowest: list[float], ratios: list
         **{k: v for k, v in pt.items()},
         "layer_ms": 1e3 * t,
         "us_per_token": 1e6 * t / pt["tokens"],
+        # CPU seconds of the slowest rank's process: immune to being descheduled by other
+        # jobs on the shared cores, so the fairer basis for comparing configurations.
+        "cpu_us_per_token": 1e6 * median(slowest_cpu) / pt["tokens"],
         "phases_ms": phases,
-        # Median over ranks x iterations: robust to a rank descheduled by a noisy neighbour.
-        "phase_sum_over_measured": median(ratios) if ratios else None,
+        # Pooled over ranks and iterations (see _worker).
+        "phase_sum_over_measured": ratios[0] if ratios else None,
         "drop_fraction": sum(l["tokens"]["drop_fraction"] for l in L) / n,
         "padding_waste_fraction": sum(l["tokens"]["padding_waste_fraction"] for l in L) / n,
         "experts_max_over_mean": sum(l["imbalance"]["experts_routed_max_over_mean"] for l in L) / n,
@@ -172,17 +183,22 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         per_rank = spawn(_worker, ep, points, a.iters, a.warmup, a.scaling_iters, threads=1)
         for i, item in enumerate(per_rank[0]):
-            ratios = [r for rank_out in per_rank for r in rank_out[i]["ratios"]]
-            rows.append(_summarize(item["point"], item["records"], item["slowest_s"], ratios))
+            pooled = [r for rank_out in per_rank for r in rank_out[i]["ratios"]]
+            ratios = [sum(p for p, _ in pooled) / sum(m for _, m in pooled)] if pooled else []
+            row = _summarize(item["point"], item["records"], item["slowest_s"], ratios, item["slowest_cpu_s"])
+            every = [r for rank_out in per_rank for r in rank_out[i]["all_ratios"]]
+            row["phase_sum_over_measured_all_iterations_median"] = median(every) if every else None
+            rows.append(row)
         print(f"EP={ep}: {len(points)} points in {time.perf_counter() - t0:.0f}s", flush=True)
     grid = [r for r in rows if r["section"] == "grid"]
     scaling = [r for r in rows if r["section"] == "scaling"]
-    growth = {}
+    growth, cpu_growth = {}, {}
     for cf in a.scaling_capacity_factors.split(","):
         pts = sorted((r for r in scaling if r["cf"] == cf), key=lambda r: r["experts"])
         if len(pts) >= 2:
-            base = pts[0]["us_per_token"]
-            growth[cf] = {str(r["experts"]): r["us_per_token"] / base - 1.0 for r in pts}
+            growth[cf] = {str(r["experts"]): r["us_per_token"] / pts[0]["us_per_token"] - 1.0 for r in pts}
+            cpu_growth[cf] = {str(r["experts"]): r["cpu_us_per_token"] / pts[0]["cpu_us_per_token"] - 1.0
+                              for r in pts}
     ratios = [r["phase_sum_over_measured"] for r in rows if r["phase_sum_over_measured"] is not None]
     report = {
         "benchmark": "layer_breakdown",
@@ -191,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
         "phase_sum_over_measured": {"min": min(ratios), "max": max(ratios)} if ratios else None,
         "time_per_token_growth_vs_fewest_experts": growth,
+        "cpu_time_per_token_growth_vs_fewest_experts": cpu_growth,
         "target": "time per token grows at most 10% from 8 to 64 experts (top-k 2, EP 2, target size)",
     }
     md = [f"# MoE layer phase breakdown, forward+backward ({a.tokens} tokens/rank, D={a.hidden}, "
@@ -218,8 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
            "times over that rank's wall time of forward+backward (the rest is Python glue and "
            "the loss)."]
     for cf, g in growth.items():
-        md.append(f"- time per token vs E={min(g, key=int)} at cf {cf}: "
-                  + ", ".join(f"E={e}: {100 * v:+.1f}%" for e, v in g.items()))
+        md.append(f"- wall time per token vs E={min(g, key=int)} at cf {cf}: "
+                  + ", ".join(f"E={e}: {100 * v:+.1f}%" for e, v in g.items())
+                  + "; CPU time per token: "
+                  + ", ".join(f"E={e}: {100 * v:+.1f}%" for e, v in cpu_growth[cf].items()))
 
     def plot(plt) -> None:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -237,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict:
         axes[0].tick_params(axis="x", labelsize=7)
         for cf in a.scaling_capacity_factors.split(","):
             pts = sorted((r for r in scaling if r["cf"] == cf), key=lambda r: r["experts"])
-            axes[1].plot([r["experts"] for r in pts], [r["us_per_token"] for r in pts], marker="o", label=f"cf {cf}")
+            axes[1].plot([r["experts"] for r in pts], [r["us_per_token"] for r in pts], marker="o",
+                         label=f"cf {cf}, wall")
+            axes[1].plot([r["experts"] for r in pts], [r["cpu_us_per_token"] for r in pts], marker="s",
+                         linestyle="--", label=f"cf {cf}, CPU time")
         axes[1].set_xscale("log", base=2)
         axes[1].set_xlabel("experts (k=2, EP fixed)")
         axes[1].set_ylabel("us per token (fwd+bwd)")

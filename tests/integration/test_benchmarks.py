@@ -41,6 +41,8 @@ def test_layer_breakdown_tiny(tmp_path) -> None:
         if r["ep"] == 2:
             assert r["phases_ms"]["dispatch_a2a"]["backward_ms"] > 0
     assert set(report["time_per_token_growth_vs_fewest_experts"]["1.25"]) == {"4", "8"}
+    assert set(report["cpu_time_per_token_growth_vs_fewest_experts"]["1.25"]) == {"4", "8"}
+    assert all(r["cpu_us_per_token"] > 0 for r in rows)
 
 
 def test_compare_deepspeed_tiny(tmp_path) -> None:
