@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
-import tempfile
 
 from tests.integration.launcher import REPO, TINY, TRAIN, clean_env, losses
 
