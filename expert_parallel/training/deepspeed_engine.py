@@ -246,7 +246,7 @@ def _moe_marker_class() -> type:
     return _MoEMarker
 
 
-_CHECKSUM_WEIGHTS: dict[int, torch.Tensor] = {}
+_CHECKSUM_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 def expert_checksum(model: nn.Module) -> int:
@@ -255,16 +255,19 @@ def expert_checksum(model: nn.Module) -> int:
     _, expert = split_params(model)
     words = []
     for p in expert:
-        flat = p.detach().reshape(-1).cpu().contiguous()
+        flat = p.detach().reshape(-1).contiguous()  # on its device: no host copy of the weights
         nbytes = flat.numel() * flat.element_size()
         words.append(flat.view(torch.int32 if nbytes % 4 == 0 else torch.int16).long())
     if not words:
         return 0
     raw = torch.cat(words)
-    weights = _CHECKSUM_WEIGHTS.get(raw.numel())
+    key = (raw.numel(), str(raw.device))
+    weights = _CHECKSUM_WEIGHTS.get(key)
     if weights is None:  # cached: the expert shapes never change during a run
-        weights = _CHECKSUM_WEIGHTS[raw.numel()] = torch.arange(raw.numel(), dtype=torch.int64) % 65521 + 1
-    return int(torch.dot(raw, weights))
+        weights = _CHECKSUM_WEIGHTS[key] = torch.arange(raw.numel(), dtype=torch.int64,
+                                                        device=raw.device) % 65521 + 1
+    # int64 arithmetic wraps identically everywhere; one scalar leaves the device.
+    return int((raw * weights).sum())
 
 
 # ------------------------------------------------------------------------- trainer
@@ -418,7 +421,7 @@ class DeepSpeedTrainer(Trainer):
                         "config_fingerprint": self.cfg.fingerprint(), "format": "deepspeed",
                         "expert_group": self.group_name},
         }
-        with comm_scope("deepspeed", "save_checkpoint", "forward"), guard("barrier"):
+        with comm_scope("deepspeed", "save_checkpoint", "forward"):
             self.engine.save_checkpoint(self.ckpt_root, tag=tag, client_state=client_state)
         if self.rank == 0:
             tags = sorted(n for n in os.listdir(self.ckpt_root) if n.startswith("step_"))
@@ -472,7 +475,7 @@ class DeepSpeedTrainer(Trainer):
         if os.path.isfile(os.path.join(path, "manifest.json")):
             raise ValueError(f"checkpoint {path} is in the project's DCP format, not DeepSpeed's; "
                              "convert it with python -m expert_parallel.training.deepspeed_convert")
-        with comm_scope("deepspeed", "load_checkpoint", "forward"), guard("barrier"):
+        with comm_scope("deepspeed", "load_checkpoint", "forward"):
             load_path, client = self.engine.load_checkpoint(
                 self.ckpt_root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                 custom_load_fn=self._load_dense)
