@@ -147,3 +147,16 @@ def test_bad_deepspeed_config_fails_on_every_rank_before_training(tmp_path) -> N
     text = proc.stdout + proc.stderr
     assert "zero_optimization.stage=3 is not supported" in text
     assert not (tmp_path / "out" / "metrics.jsonl").exists() or not metrics(tmp_path / "out")
+
+
+@pytest.mark.parametrize("ep", [1, 4])
+def test_zero2_at_other_ep_sizes_matches_plain(runs, tmp_path, ep) -> None:
+    """EP=1 (experts replicated on all 4 ranks, one EDP group of 4) and EP=4 (no expert
+    replicas, EDP groups of 1): same trajectory as the plain EP=2 run."""
+    args = list(COMMON)
+    args[args.index("--ep-size") + 1] = str(ep)
+    run(4, tmp_path, *args, "--ckpt-every", "0", "--deepspeed", str(CONFIGS[2]))
+    want, got = losses(runs["plain"]), losses(tmp_path)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (ep, step)
