@@ -231,9 +231,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{100 * r['padding_waste_fraction']:.1f} | {r['experts_max_over_mean']:.2f} | "
                   f"{r['ep_ranks_max_over_mean']:.2f} | {100 * r['a2a_share']:.1f}% |")
     md += ["", "Phase columns are forward + backward ms (backward attributed per "
-           "`expert_parallel/profiling/timer.py`). 'phases/measured' = per-rank sum of phase "
-           "times over that rank's wall time of forward+backward (the rest is Python glue and "
-           "the loss)."]
+           "`expert_parallel/profiling/timer.py`). 'phases/measured' = sum over ranks and "
+           "iterations of each rank's phase times over the sum of its wall times of "
+           "forward+backward (the rest is Python glue and the loss). Wall times on a shared "
+           f"2-core machine (load average at the end: {environment()['hardware'].get('load_average_1_5_15')}); "
+           "CPU time per token is the less noisy basis for comparing configurations."]
     for cf, g in growth.items():
         md.append(f"- wall time per token vs E={min(g, key=int)} at cf {cf}: "
                   + ", ".join(f"E={e}: {100 * v:+.1f}%" for e, v in g.items())
