@@ -67,7 +67,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.tiny:
         a.capacity_factors, a.ep_sizes, a.experts, a.top_k = "1.25,dropless", "1,2", "4", "2"
-        a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 1024, 128, 512, 6, 1
+        a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 1024, 128, 512, 10, 1
         a.scaling_experts, a.scaling_capacity_factors = "4,8", "1.25"
         a.scaling_tokens, a.scaling_hidden, a.scaling_ffn, a.scaling_iters = 1024, 128, 512, 3
     return a
