@@ -10,6 +10,7 @@ fails fast instead of stalling the suite.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -75,3 +76,27 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0)
         if errors:
             raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
         return results
+
+
+HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count Tensor methods that read device data back to the host (syncs)."""
+    counter = {"n": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def wrap(fn):
+        def counted(self, *args, **kwargs):
+            counter["n"] += 1
+            return fn(self, *args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, wrap(fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)

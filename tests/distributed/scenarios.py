@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
+from expert_parallel.moe.stats import MoEStats
 
 D, F = 8, 12
 
@@ -101,3 +102,23 @@ def run_step(layer: MoELayer, x: torch.Tensor, cot: torch.Tensor) -> dict:
         "grads": grads,
         "expert_ids": list(layer.experts.expert_ids),
     }
+
+
+TOL = 1e-5
+"""fp32 tolerance of the golden checks (max abs diff)."""
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if a.numel():
+        diff = (a.double() - b.double()).abs().max().item()
+        assert diff <= TOL, f"{what}: max abs diff {diff:.3e} > {TOL}"
+
+
+def assert_stats_equal(got: MoEStats, want: MoEStats, what: str) -> None:
+    """Counts exactly equal, float sums within TOL."""
+    for field in ("routed_E", "kept_E", "dropped_E", "capacity_E", "num_tokens",
+                  "tokens_all_dropped", "nonfinite", "experts_per_token"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), f"{what}: stats.{field}"
+    for field in ("lb_loss", "z_loss", "entropy_sum", "max_prob_sum"):
+        assert_close(getattr(got, field), getattr(want, field), f"{what}: stats.{field}")

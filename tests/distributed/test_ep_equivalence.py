@@ -20,7 +20,6 @@ from expert_parallel.moe.stats import MoEStats
 from tests.distributed import scenarios as sc
 from tests.harness import run_ranks
 
-TOL = 1e-5
 # name -> (world size, ep size, ParallelGroups.build kwargs, config overrides)
 LAYOUTS = {
     "ep2": (2, 2, {}, {}),
@@ -74,19 +73,8 @@ def reference(name: str, rank: int) -> dict:
     return step
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    if a.numel():
-        diff = (a.double() - b.double()).abs().max().item()
-        assert diff <= TOL, f"{what}: max abs diff {diff:.3e} > {TOL}"
-
-
-def _stats_equal(got: MoEStats, want: MoEStats, what: str) -> None:
-    for field in ("routed_E", "kept_E", "dropped_E", "capacity_E", "num_tokens",
-                  "tokens_all_dropped", "nonfinite"):
-        assert torch.equal(getattr(got, field), getattr(want, field)), f"{what}: stats.{field}"
-    _close(got.lb_loss, want.lb_loss, f"{what}: stats.lb_loss")
-    _close(got.z_loss, want.z_loss, f"{what}: stats.z_loss")
+_close = sc.assert_close
+_stats_equal = sc.assert_stats_equal
 
 
 CASES = [(layout, name) for layout in LAYOUTS for name in _scenarios(layout)]

@@ -4,35 +4,13 @@ that reads device data back to the host."""
 
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
-from tests.harness import run_ranks
+from tests.harness import count_host_reads, run_ranks
 
-HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    counter = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(fn):
-        def counted(self, *args, **kwargs):
-            counter["n"] += 1
-            return fn(self, *args, **kwargs)
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(fn))
-    try:
-        yield counter
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
 
 
 MODES = {

@@ -20,10 +20,10 @@ import torch
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
 from expert_parallel.moe.stats import MoEStats
+from tests.distributed import scenarios as sc
 from tests.distributed.scenarios import run_step
 from tests.harness import run_ranks
 
-TOL = 1e-5
 D, F = 8, 12
 
 
@@ -101,19 +101,8 @@ def reference(name: str, rank: int) -> dict:
     return step(name, None, rank)
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    if a.numel():
-        diff = (a.double() - b.double()).abs().max().item()
-        assert diff <= TOL, f"{what}: max abs diff {diff:.3e} > {TOL}"
-
-
-def _stats_equal(got: MoEStats, want: MoEStats, what: str) -> None:
-    for field in ("routed_E", "kept_E", "dropped_E", "capacity_E", "num_tokens",
-                  "tokens_all_dropped", "nonfinite", "experts_per_token"):
-        assert torch.equal(getattr(got, field), getattr(want, field)), f"{what}: stats.{field}"
-    for field in ("lb_loss", "z_loss", "entropy_sum", "max_prob_sum"):
-        _close(getattr(got, field), getattr(want, field), f"{what}: stats.{field}")
+_close = sc.assert_close
+_stats_equal = sc.assert_stats_equal
 
 
 CASES = [(layout, name) for layout in LAYOUTS for name in SCENARIOS]

@@ -4,7 +4,6 @@ no extra host reads)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 
@@ -14,29 +13,9 @@ import torch
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
 from expert_parallel.profiling.profiler import MoEProfiler, ProfilerConfig
 from expert_parallel.profiling.records import build_record, markdown_table, per_rank_vector
+from tests.harness import count_host_reads
 from expert_parallel.profiling.timer import NULL_TIMER, PHASES, PhaseTimer
 
-HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy")
-
-
-@contextlib.contextmanager
-def count_host_reads():
-    counter = {"n": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-
-    def wrap(fn):
-        def counted(self, *args, **kwargs):
-            counter["n"] += 1
-            return fn(self, *args, **kwargs)
-        return counted
-
-    for name, fn in originals.items():
-        setattr(torch.Tensor, name, wrap(fn))
-    try:
-        yield counter
-    finally:
-        for name, fn in originals.items():
-            setattr(torch.Tensor, name, fn)
 
 
 def _layer(**overrides) -> MoELayer:

@@ -11,7 +11,7 @@ from expert_parallel import MoEConfig, MoELayer, ParallelGroups
 from expert_parallel.distributed.collectives import CALL_COUNTS
 from expert_parallel.profiling.profiler import MoEProfiler, ProfilerConfig
 from tests.harness import run_ranks
-from tests.unit.test_profiling import count_host_reads
+from tests.harness import count_host_reads
 
 D = 8
 
