@@ -33,7 +33,7 @@ from ..distributed.collectives import (
     all_to_all_rows,
     comm_scope,
 )
-from ..distributed.hierarchical import hierarchical_all_to_all
+from ..distributed.hierarchical import hierarchical_combine, hierarchical_dispatch, node_need
 from ..profiling.timer import NULL_TIMER
 from .capacity import CapacityPlan
 from .permute import (
@@ -86,31 +86,36 @@ class LocalDispatcher:
         self.ep_size = 1
         self.timer = timer
 
-    # -- communication hooks, overridden by the all-to-all dispatcher -------------
+    # -- communication hooks, overridden by the all-to-all dispatchers -------------
     def _exchange_counts(
-        self, kept_E: torch.Tensor, nonfinite: torch.Tensor
+        self, kept_E: torch.Tensor, nonfinite: torch.Tensor, extra: Any = None
     ) -> tuple[list[int], list[int], list[int], Any]:
         """Returns (kept per global expert, received counts [R*e] rank-major,
-        non-finite flags per EP rank, route), host values, with one host sync."""
+        non-finite flags per EP rank, route), host values, with one host sync.
+        ``extra`` is dispatcher-specific routing data (hierarchical: per-node unique
+        token counts) that rides in the same exchange; None for the flat ones."""
         host = torch.cat([kept_E, nonfinite.reshape(1)]).tolist()
         return host[:-1], host[:-1], host[-1:], None
 
     def _send(self, x_SD: torch.Tensor, meta_splits: tuple, route: Any, reverse: bool) -> torch.Tensor:
         return x_SD
 
-    # -- the interface --------------------------------------------------------------
-    def dispatch(
-        self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan
-    ) -> tuple[torch.Tensor, DispatchMetadata]:
-        """Send kept pairs to their experts. Returns rows in local-expert-major order."""
+    def _route_extra(self, routing: Routing, plan: CapacityPlan) -> Any:
+        """Device-side routing data computed before the count exchange (none here)."""
+        return None
+
+    def _route_pairs(self, routing: Routing, plan: CapacityPlan) -> tuple:
+        """Sort kept pairs by expert and exchange counts (the one host sync); every EP rank
+        raises together on non-finite logits. Returns (token_S, weight_S, kept, recv,
+        route, nonfinite_ranks, extra)."""
         num_tokens, k = routing.topk_idx_TK.shape
-        R, e = self.ep_size, self.num_local
         with self.timer.phase("permute"):
             order_P = sort_pairs_by_expert(routing.topk_idx_TK, plan.kept_TK, self.num_experts)
+            extra = self._route_extra(routing, plan)
         # comm_scope labels a failed/timed-out collective with its phase (the layer adds
         # its name), so a dead peer surfaces as a named error, not a bare backend one.
         with self.timer.phase("count_exchange"), comm_scope(phase="count_exchange"):
-            kept, recv, flags, route = self._exchange_counts(plan.kept_E, routing.nonfinite)
+            kept, recv, flags, route = self._exchange_counts(plan.kept_E, routing.nonfinite, extra)
         nonfinite_ranks = tuple(r for r, f in enumerate(flags) if f)
         if nonfinite_ranks and self.raise_on_nonfinite:
             # Every EP rank saw the same flags in the same collective: all raise here,
@@ -119,25 +124,44 @@ class LocalDispatcher:
                 f"router logits are NaN/Inf on EP rank(s) {list(nonfinite_ranks)}"
             )
         with self.timer.phase("permute"):
-            num_kept = sum(kept)
-            pair_S = order_P[:num_kept]
+            pair_S = order_P[: sum(kept)]
             token_S = torch.div(pair_S, k, rounding_mode="floor")
             weight_S = routing.topk_weight_TK.reshape(-1).index_select(0, pair_S)
-            x_SD = self.timer.mark(x_TD, "permute").index_select(0, token_S)
+        return token_S, weight_S, kept, recv, route, nonfinite_ranks, extra
+
+    def _split_sizes(self, kept: list[int], recv: list[int]) -> tuple[tuple, tuple, tuple]:
+        R, e = self.ep_size, self.num_local
         input_splits = tuple(sum(kept[r * e : (r + 1) * e]) for r in range(R))
         output_splits = tuple(sum(recv[r * e : (r + 1) * e]) for r in range(R))
         counts_local = tuple(sum(recv[r * e + l] for r in range(R)) for l in range(e))
+        return input_splits, output_splits, counts_local
+
+    def _to_expert_major(self, recv: list[int], total: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Rank-major -> local-expert-major row indices (None when the order is the same)."""
+        R, e = self.ep_size, self.num_local
+        if R == 1 or e == 1:
+            return None
+        return regroup_rank_to_expert(torch.tensor(recv, device=device).view(R, e), total)
+
+    # -- the interface --------------------------------------------------------------
+    def dispatch(
+        self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan
+    ) -> tuple[torch.Tensor, DispatchMetadata]:
+        """Send kept pairs to their experts. Returns rows in local-expert-major order."""
+        token_S, weight_S, kept, recv, route, nonfinite_ranks, _ = self._route_pairs(routing, plan)
+        with self.timer.phase("permute"):
+            x_SD = self.timer.mark(x_TD, "permute").index_select(0, token_S)
+        input_splits, output_splits, counts_local = self._split_sizes(kept, recv)
         x_SD = self.timer.mark(x_SD, "dispatch_a2a")  # backward-time mark (profiling only)
         x_ND = self._send(x_SD, (output_splits, input_splits), route, reverse=False)
         unregroup_N = None
-        if R > 1 and e > 1:
-            with self.timer.phase("permute"):
-                counts_Re = torch.tensor(recv, device=x_TD.device).view(R, e)
-                regroup_N = regroup_rank_to_expert(counts_Re, sum(output_splits))
+        with self.timer.phase("permute"):
+            regroup_N = self._to_expert_major(recv, sum(output_splits), x_TD.device)
+            if regroup_N is not None:
                 x_ND = x_ND.index_select(0, regroup_N)
                 unregroup_N = inverse_permutation(regroup_N)
         meta = DispatchMetadata(
-            num_tokens=num_tokens,
+            num_tokens=x_TD.shape[0],
             token_S=token_S,
             weight_S=weight_S,
             input_splits=input_splits,
@@ -181,7 +205,7 @@ class AllToAllDispatcher(LocalDispatcher):
         self.ep_size = ep_size
         self.num_local = num_experts // ep_size
 
-    def _exchange_counts(self, kept_E, nonfinite):
+    def _exchange_counts(self, kept_E, nonfinite, extra=None):
         """All-to-all over the EP group of a [R, e+1] block: row r holds the pairs this
         rank sends to each of rank r's experts plus this rank's non-finite flag, so every
         rank learns every peer's flag in the same collective and can fail together.
@@ -209,33 +233,79 @@ class AllToAllDispatcher(LocalDispatcher):
 
 
 class HierarchicalDispatcher(AllToAllDispatcher):
-    """Same data path, but rows travel in two hops (node-local, then one aggregated
-    message per node pair); see ``distributed/hierarchical.py``. The count exchange is
-    an all-gather of every rank's per-expert counts (R x (E+1) ints), so each rank knows
-    the full [R, R] traffic matrix both hops need; still one host sync."""
+    """Rows travel in two hops, across nodes first with one copy of a token per
+    destination node, then fanned out inside the node; the combine reduces per node
+    before crossing back (see ``distributed/hierarchical.py``). The count exchange is an
+    all-gather of every rank's per-expert counts plus its distinct tokens per node
+    (R x (E+1+M) ints), so each rank knows every split both hops need; still one sync."""
 
     def __init__(self, num_experts: int, groups: Any, timer: Any = NULL_TIMER,
                  raise_on_nonfinite: bool = True) -> None:
         super().__init__(num_experts, groups.ep_group, groups.ep_size, timer, raise_on_nonfinite)
         self.groups = groups
+        self.num_nodes = groups.ep_size // groups.ranks_per_node
 
-    def _exchange_counts(self, kept_E, nonfinite):
-        R, e, E = self.ep_size, self.num_local, self.num_experts
-        mine = torch.cat([kept_E, nonfinite.reshape(1).to(kept_E.dtype)])
+    def _route_extra(self, routing, plan):
+        return node_need(routing.topk_idx_TK, plan.kept_TK,
+                         self.num_local * self.groups.ranks_per_node, self.num_nodes)
+
+    def _exchange_counts(self, kept_E, nonfinite, extra=None):
+        R, e, E, M = self.ep_size, self.num_local, self.num_experts, self.num_nodes
+        _, uniq_M = extra
+        mine = torch.cat([kept_E, nonfinite.reshape(1).to(kept_E.dtype), uniq_M.to(kept_E.dtype)])
         table = torch.cat(all_gather_rows(mine, self.group)).tolist()  # the one host sync
-        rows = [table[s * (E + 1) : (s + 1) * (E + 1)] for s in range(R)]
+        width = E + 1 + M
+        rows = [table[s * width : (s + 1) * width] for s in range(R)]
         me = self.groups.ep_rank
         counts = [rows[r][me * e + l] for r in range(R) for l in range(e)]
         flags = [rows[r][E] for r in range(R)]
         counts_RR = tuple(tuple(sum(rows[s][d * e : (d + 1) * e]) for d in range(R)) for s in range(R))
-        return rows[me][:E], counts, flags, counts_RR
+        uniq_RM = tuple(tuple(rows[s][E + 1 :]) for s in range(R))
+        return rows[me][:E], counts, flags, (counts_RR, uniq_RM)
 
-    def _exchange_rows(self, x_SD, output_splits, input_splits, counts_RR, reverse):
-        if reverse:  # combine: every block goes back where it came from
-            counts_RR = tuple(zip(*counts_RR))
+    def _add_bytes(self, phase: str, rows_sent: int, rows_received: int, row_bytes: int) -> None:
+        self.timer.add_bytes(phase, rows_sent * row_bytes, rows_received * row_bytes)
+
+    def dispatch(self, x_TD, routing, plan):
+        token_S, weight_S, kept, recv, route, nonfinite_ranks, extra = self._route_pairs(routing, plan)
+        counts_RR, uniq_RM = route
         g = self.groups
-        return hierarchical_all_to_all(x_SD, counts_RR, g.ep_rank, g.ranks_per_node,
-                                       g.intra_group, g.inter_group)
+        input_splits, output_splits, counts_local = self._split_sizes(kept, recv)
+        x_TD = self.timer.mark(x_TD, "dispatch_a2a")  # backward-time mark (profiling only)
+        row_bytes = x_TD.element_size() * x_TD.shape[-1]
+        with self.timer.phase("dispatch_a2a"), comm_scope(phase="dispatch_a2a"):
+            x_ND, node_route = hierarchical_dispatch(
+                x_TD, token_S, weight_S, extra[0], counts_RR, uniq_RM, g.ep_rank,
+                g.ranks_per_node, self.num_local, g.intra_group, g.inter_group)
+        # Bytes over both hops (hop 1 carries unique tokens, hop 2 rows).
+        self._add_bytes("dispatch_a2a", sum(node_route.uniq_send) + sum(node_route.intra_send),
+                        sum(node_route.uniq_recv) + sum(node_route.intra_recv), row_bytes)
+        unregroup_N = None
+        with self.timer.phase("permute"):
+            regroup_N = self._to_expert_major(recv, sum(output_splits), x_TD.device)
+            if regroup_N is not None:
+                x_ND = x_ND.index_select(0, regroup_N)
+                unregroup_N = inverse_permutation(regroup_N)
+        meta = DispatchMetadata(
+            num_tokens=x_TD.shape[0], token_S=token_S, weight_S=weight_S,
+            input_splits=input_splits, output_splits=output_splits, counts_local=counts_local,
+            unregroup_N=unregroup_N, nonfinite_ranks=nonfinite_ranks, out_dtype=x_TD.dtype,
+            route=node_route,
+        )
+        return x_ND, meta
+
+    def combine(self, y_ND, meta):
+        if meta.unregroup_N is not None:
+            with self.timer.phase("unpermute"):
+                y_ND = y_ND.index_select(0, meta.unregroup_N)
+        r, g = meta.route, self.groups
+        row_bytes = y_ND.element_size() * y_ND.shape[-1]
+        self._add_bytes("combine_a2a", sum(r.intra_recv) + sum(r.uniq_recv),
+                        sum(r.intra_send) + sum(r.uniq_send), row_bytes)
+        with self.timer.phase("combine_a2a"), comm_scope(phase="combine_a2a"):
+            out_TD = hierarchical_combine(y_ND, r, meta.num_tokens, meta.out_dtype,
+                                          g.intra_group, g.inter_group)
+        return self.timer.mark(out_TD, "unpermute")
 
 
 def make_dispatcher(config: Any, groups: Any) -> LocalDispatcher:

@@ -25,8 +25,10 @@ LAYOUTS = {
     "ep2": (2, 2, {}, {}),
     "ep4": (4, 4, {}, {}),
     "ep2xdp2": (4, 2, {}, {}),
-    # Two emulated "nodes" of 2 ranks: node-local hop, then one message per node pair.
+    # Two emulated "nodes" of 2 ranks: across nodes once per (token, node), then inside.
     "ep4_hierarchical": (4, 4, {"ranks_per_node": 2}, {"a2a_algorithm": "hierarchical"}),
+    # Four one-rank "nodes" (the intra-node hop is a self-exchange) next to expert-DP.
+    "ep2xdp2_hierarchical_l1": (4, 2, {"ranks_per_node": 1}, {"a2a_algorithm": "hierarchical"}),
     # Chunks pipelined through async all-to-alls (compute/communication overlap).
     "ep2_overlap3": (2, 2, {}, {"overlap_chunks": 3}),
     "ep2xdp2_overlap2": (4, 2, {}, {"overlap_chunks": 2}),

@@ -3,7 +3,8 @@
 Hypothesis draws the model dims, the number of experts, top-k, the router, the capacity
 factor (or dropless), the drop policy, the tokens on every rank (often 0: empty ranks)
 and a routing skew (everything to one expert, no token for one rank's experts, every
-token to one rank's experts). The EP ranks are real gloo processes, started once per EP
+token to one rank's experts); at EP=4 also the all-to-all algorithm (flat, or the
+hierarchical exchange over two emulated nodes of 2 ranks). The EP ranks are real gloo processes, started once per EP
 size and fed one example at a time through queues (spawning per example would cost
 seconds); the parent runs the EP=1 reference on each rank's batch. Outputs, aux loss,
 stats, input and router gradients must match per rank, and each expert's gradient the
@@ -63,6 +64,8 @@ def examples(draw: Any, ep: int) -> dict:
         "skew": skew,
         "skew_target": draw(st.integers(0, num_experts - 1 if skew == "one" else ep - 1)),
         "seed": draw(st.integers(0, 2**16)),
+        # EP=4 also runs the two-level exchange over two emulated 2-rank nodes.
+        "ranks_per_node": draw(st.sampled_from([0, 2])) if ep == 4 else 0,
     }
 
 
@@ -70,7 +73,8 @@ def build_layer(ex: dict, groups: Optional[ParallelGroups]) -> MoELayer:
     cfg = MoEConfig(hidden_size=ex["hidden"], ffn_hidden_size=ex["ffn"], num_experts=ex["num_experts"],
                     top_k=ex["top_k"], router=ex["router"], capacity_factor=ex["capacity_factor"],
                     min_capacity=ex["min_capacity"], drop_policy=ex["drop_policy"],
-                    aux_loss_coeff=0.01, z_loss_coeff=0.001)
+                    aux_loss_coeff=0.01, z_loss_coeff=0.001,
+                    a2a_algorithm="hierarchical" if ex.get("ranks_per_node") else "flat")
     layer = MoELayer(cfg, groups, seed=ex["seed"], name="property")
     if ex["skew"] is not None:
         with torch.no_grad():
@@ -103,13 +107,16 @@ def _pool_worker(rank: int, world: int, store: str, tasks: Any, results: Any) ->
     timeout = timedelta(seconds=60)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timeout)
-    groups = ParallelGroups.build(world, timeout=timeout)
+    # Every group layout an example may ask for, built once (group creation is collective).
+    layouts = {0: ParallelGroups.build(world, timeout=timeout)}
+    if world == 4:
+        layouts[2] = ParallelGroups.build(world, timeout=timeout, ranks_per_node=2)
     while True:
         ex = tasks.get()
         if ex is None:
             break
         try:
-            layer = build_layer(ex, groups)
+            layer = build_layer(ex, layouts[ex.get("ranks_per_node", 0)])
             x, cot = batch(ex, rank)
             payload = {"ok": True, "result": run_step(layer, x, cot)}
         except Exception:  # noqa: BLE001 - reported to the parent
