@@ -16,12 +16,12 @@ Model (every number below is a CLI parameter; defaults describe an H800/H100-cla
   sum_inter bytes / B_ib + n_inter msgs * alpha_ib)`` over send and receive sides. No
   switch congestion, no incast penalty, full bisection bandwidth.
 * Flat exchange: one message from every GPU to every other GPU that has rows for it.
-* Hierarchical exchange (``distributed/hierarchical.py``): hop 1 over NVLink moves each
-  row to the node-local GPU with the destination's local index, hop 2 sends one
-  aggregated message per node pair over IB; the hops run back to back. With ``dedup``
-  (DeepEP-style) a token crosses IB once per destination node however many of its k
-  experts live there, so inter-node bytes scale with the expected number of distinct
-  destination nodes per token instead of k.
+* Hierarchical exchange (ours, ``distributed/hierarchical.py``): hop 1 over IB sends
+  each token once per destination node (de-duplicated, DeepEP-style) to the GPU with the
+  sender's local index there, hop 2 fans the rows out over NVLink; the hops run back to
+  back. A token crosses IB once per destination node however many of its k experts live
+  there, so inter-node bytes scale with the expected number of distinct destination
+  nodes per token instead of k. ``deepep_style`` overlaps the two hops.
 * Traffic: every GPU holds ``T`` tokens, routes each to k experts with the measured
   expert-load shape (the profiler's per-expert routed counts, sorted, stretched to E
   experts by quantile interpolation and shuffled over GPUs), dropless. Dispatch rows are
@@ -144,16 +144,16 @@ def exchange_time(n: int, links: Links, gpu_share: list[float], tokens: int, k: 
             t = max(intra_send / bnv + n_intra * a_nv, inter_send / bib + n_inter * a_ib,
                     intra_recv / bnv + n_intra * a_nv, inter_recv / bib + n_inter * a_ib)
         else:
-            # Hop 1: everything for local index j (on any node) goes to my node's GPU j.
-            hop1_send = sum(rows_to[d] for d in range(n) if d % L != local) * row_bytes
-            gathered = [sum(rows_to[m * L + local] for _ in range(L)) for m in range(nodes)]
-            hop1_recv = sum(rows_to[d] for d in range(n) if d % L == local) * (L - 1) * row_bytes
-            # Hop 2: one message per other node: my node's rows for (m, local).
-            inter_send = sum(gathered[m] for m in range(nodes) if m != node) * row_bytes * inter_factor
-            inter_recv = rows_to[g] * L * (nodes - 1) * row_bytes * inter_factor
-            intra_send, intra_recv = hop1_send, hop1_recv
-            t1 = max(hop1_send, hop1_recv) / bnv + (L - 1) * a_nv
-            t2 = max(inter_send, inter_recv) / bib + (nodes - 1) * a_ib if nodes > 1 else 0.0
+            # Ours (distributed/hierarchical.py), DeepEP's order: hop 1 across nodes to the
+            # GPU with my local index, one row per (token, destination node) when ``dedup``;
+            # hop 2 fans rows out inside the node over NVLink.
+            inter_send = sum(rows_to[d] for d in range(n) if d // L != node) * row_bytes * inter_factor
+            inter_recv = sum(rows_to[node * L + j] for j in range(L)) * (nodes - 1) * row_bytes * inter_factor
+            # The relay forwards, for every local j != mine, the rows of all `nodes` sources.
+            intra_send = sum(rows_to[node * L + j] for j in range(L) if j != local) * nodes * row_bytes
+            intra_recv = rows_to[g] * nodes * (L - 1) * row_bytes
+            t1 = max(inter_send, inter_recv) / bib + (nodes - 1) * a_ib if nodes > 1 else 0.0
+            t2 = max(intra_send, intra_recv) / bnv + (L - 1) * a_nv
             if pipelined:
                 t = max(t1, t2)
             else:
@@ -167,8 +167,8 @@ def exchange_time(n: int, links: Links, gpu_share: list[float], tokens: int, k: 
 
 
 ALGORITHMS = ("flat", "hierarchical", "deepep_style")
-"""flat: direct exchange; hierarchical: ours (two hops back to back, no dedup);
-deepep_style: hierarchical with per-node token dedup and overlapped hops."""
+"""flat: direct exchange; hierarchical: ours (per-node token dedup, inter-node hop then
+intra-node fan-out, back to back); deepep_style: the same with the two hops overlapped."""
 
 
 def predict(n: int, a: argparse.Namespace, links: Links, shape: list[float], algorithm: str,
@@ -179,8 +179,9 @@ def predict(n: int, a: argparse.Namespace, links: Links, shape: list[float], alg
     gpu_share = [sum(shares[g * per_gpu:(g + 1) * per_gpu]) for g in range(n)]
     deepep = algorithm == "deepep_style"
     alg = "flat" if algorithm == "flat" else "hierarchical"
-    disp = exchange_time(n, links, gpu_share, tokens, a.top_k, a.hidden * a.dispatch_bytes, alg, deepep, deepep)
-    comb = exchange_time(n, links, gpu_share, tokens, a.top_k, a.hidden * a.combine_bytes, alg, deepep, deepep)
+    dedup = alg == "hierarchical"
+    disp = exchange_time(n, links, gpu_share, tokens, a.top_k, a.hidden * a.dispatch_bytes, alg, dedup, deepep)
+    comb = exchange_time(n, links, gpu_share, tokens, a.top_k, a.hidden * a.combine_bytes, alg, dedup, deepep)
     a2a = 2 * (disp["seconds"] + comb["seconds"])  # forward + backward
     rows = max(gpu_share) * n * tokens * a.top_k  # the busiest GPU's expert rows
     compute = 6 * rows * a.hidden * a.ffn * a.matrices / (a.gpu_tflops * 1e12)

@@ -11,7 +11,23 @@ Run under any launcher the project supports, e.g.::
     # on the emulated cluster (scripts/cluster): srun -N2 --ntasks-per-node=2 ...
 
 Rank 0 writes ``--out`` (JSON) plus a markdown table and a PNG next to it. The layer
-time of a mode is the median over iterations of the slowest rank's time.
+time of a mode is the median over iterations of the slowest rank's time; its exchange
+time (dispatch + combine all-to-all, forward + backward, from the layer's phase timer) is
+reported beside it.
+
+With ``--ranks-per-node`` (hierarchical mode on), the script also measures the two link
+kinds with raw all-to-alls (every node-local group at once, then every inter-node group
+at once, so ranks share a node's link as they do in the layer) and feeds the measured
+bandwidths and per-message costs, plus the measured expert load, into
+``benchmarks/cluster_model.py``'s alpha-beta model: predicted vs measured exchange time
+per mode is the model's check against a real (emulated) network.
+
+On the emulated two-node cluster (``scripts/cluster/start.sh --rate 200mbit``)::
+
+    for n in 1 2; do scripts/cluster/run.sh --node $n torchrun --nnodes 2 --node_rank $((n-1)) \
+        --nproc_per_node 2 --rdzv_backend static --master_addr n1 --master_port 29555 \
+        benchmarks/dispatch_modes.py --ranks-per-node 2 --label link-200mbit \
+        --out benchmarks/results/dispatch_modes_2node_200mbit.json & done; wait
 """
 
 from __future__ import annotations
@@ -23,14 +39,19 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks.cluster_model import Links, exchange_time  # noqa: E402
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
 from expert_parallel.distributed.launch_env import init_distributed, shutdown  # noqa: E402
+from expert_parallel.profiling.timer import NULL_TIMER, PhaseTimer  # noqa: E402
+
+EXCHANGE = ("dispatch_a2a", "combine_a2a")
 
 
 def _modes(overlap_chunks: list[int], hierarchical: bool) -> dict[str, dict]:
@@ -43,18 +64,149 @@ def _modes(overlap_chunks: list[int], hierarchical: bool) -> dict[str, dict]:
     return modes
 
 
-def time_mode(layer: MoELayer, x: torch.Tensor, iters: int, warmup: int) -> list[float]:
-    times = []
+def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup: int) -> dict:
+    """Per mode and iteration, the slowest rank's layer time (forward + backward), exchange
+    time (dispatch + combine all-to-all, forward + backward, from the phase timer) and
+    count-exchange time; plus the kept rows per expert summed over ranks and iterations
+    (the measured traffic shape). Modes are interleaved iteration by iteration, so a load
+    drift on a shared machine hits every mode alike."""
+    timers = {name: PhaseTimer(x.device) for name in layers}
+    for name, layer in layers.items():
+        layer.set_timer(timers[name])
+    res = {name: {"times_s": [], "exchange_s": [], "count_exchange_s": [],
+                  "kept_E": torch.zeros(layer.config.num_experts, dtype=torch.int64)}
+           for name, layer in layers.items()}
     for i in range(warmup + iters):
-        dist.barrier()
-        t0 = time.perf_counter()
-        out = layer(x)
-        (out.output.float().square().mean() + out.aux_loss).backward()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(float(elapsed))
-    return times
+        for name, layer in layers.items():
+            timer = timers[name]
+            dist.barrier()
+            timer.collect()
+            t0 = time.perf_counter()
+            out = layer(x)
+            (out.output.float().square().mean() + out.aux_loss).backward()
+            elapsed = time.perf_counter() - t0
+            ph = timer.collect()
+            a2a = sum(ph.get(p, 0.0) + ph.get(p + ".bwd", 0.0) for p in EXCHANGE)
+            slowest = torch.tensor([elapsed, a2a, ph.get("count_exchange", 0.0)], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            if i >= warmup:
+                for key, v in zip(("times_s", "exchange_s", "count_exchange_s"), slowest.tolist()):
+                    res[name][key].append(v)
+                res[name]["kept_E"] += out.stats.kept_E.cpu()
+    for name, layer in layers.items():
+        layer.set_timer(NULL_TIMER)
+        dist.all_reduce(res[name]["kept_E"])
+        res[name]["kept_E"] = res[name]["kept_E"].tolist()
+        for key in ("times_s", "exchange_s", "count_exchange_s"):
+            res[name]["median_" + key[:-2] + "_s" if key != "times_s" else "median_s"] = \
+                statistics.median(res[name][key])
+    return res
+
+
+def probe_links(groups: ParallelGroups, nbytes: int, small: int, reps: int) -> dict:
+    """Measured per-rank bandwidth (GB/s) and per-message cost (us) of the node-local and
+    inter-node links: every group of a kind exchanges at once (as in the layer), median
+    of ``reps`` raw all-to-alls of ``small`` and ``nbytes`` bytes per peer."""
+
+    def run(group, size: int, peers: int) -> float:
+        n = max(1, size // 4)
+        buf = torch.zeros(n * peers)
+        out = torch.empty_like(buf)
+        samples = []
+        for _ in range(reps + 1):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_to_all_single(out, buf, group=group)
+            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            samples.append(float(t))
+        return statistics.median(samples[1:])
+
+    L = groups.ranks_per_node
+    M = groups.ep_size // L
+    out = {}
+    for kind, group, peers in (("intra", groups.intra_group, L), ("inter", groups.inter_group, M)):
+        t_small, t_big = run(group, small, peers), run(group, nbytes, peers)
+        remote = max(peers - 1, 1)
+        out[kind] = {"small_s": t_small, "big_s": t_big, "bytes_per_peer": nbytes,
+                     "GBps": remote * (nbytes - small) / max(t_big - t_small, 1e-9) / 1e9,
+                     "alpha_us": 1e6 * t_small / remote}
+    return out
+
+
+def predict_exchange(links: dict, rpn: int, world: int, kept_E: list[int], iters: int, tokens: int,
+                     top_k: int, row_bytes: int) -> dict:
+    """The cluster model at the measured link parameters and traffic: exchange seconds
+    (dispatch + combine, forward + backward) for the flat and the hierarchical mode."""
+    model_links = Links(gpus_per_node=rpn, nvlink_GBps=links["intra"]["GBps"], ib_GBps=links["inter"]["GBps"],
+                        alpha_nv_us=links["intra"]["alpha_us"], alpha_ib_us=links["inter"]["alpha_us"],
+                        alpha_0_us=0.0)
+    total = sum(kept_E)
+    e = len(kept_E) // world
+    gpu_share = [sum(kept_E[g * e:(g + 1) * e]) / total for g in range(world)]
+    kept_tokens = total / (iters * world * top_k)  # kept rows per rank / k
+    out = {}
+    for alg in ("flat", "hierarchical"):
+        one = exchange_time(world, model_links, gpu_share, kept_tokens, top_k, row_bytes, alg,
+                            dedup=alg == "hierarchical")
+        out[alg] = {"exchange_s": 4 * one["seconds"], "inter_bytes_per_rank": one["ib_bytes_per_gpu"]}
+    return {"links": asdict(model_links), "gpu_share": gpu_share, "kept_tokens_per_rank": kept_tokens,
+            "modes": out}
+
+
+def markdown(report: dict) -> list[str]:
+    cfg, results, model = report["config"], report["results"], report["model_vs_measured"]
+    md = [f"# Dispatch modes ({cfg['world_size']} ranks, {cfg['ranks_per_node']} per node) {report['label']}", "",
+          f"`{report['command']}`  ",
+          f"E={cfg['experts']}, top-{cfg['top_k']}, {cfg['tokens']} tokens/rank, D={cfg['hidden']}, "
+          f"F={cfg['ffn']}, cf {cfg['capacity_factor']}; median of {cfg['iters']} iterations "
+          f"(after {cfg['warmup']} warm-up), modes interleaved; each time is the slowest rank's.", "",
+          "| mode | layer fwd+bwd (s) | ratio vs flat | exchange fwd+bwd (s) | exchange ratio | count exchange (s) |",
+          "|---|---:|---:|---:|---:|---:|"]
+    md += [f"| {n} | {r['median_s']:.4f} | {r['ratio_vs_flat']:.3f} | {r['median_exchange_s']:.4f} | "
+           f"{r['exchange_ratio_vs_flat']:.3f} | {r['median_count_exchange_s']:.4f} |" for n, r in results.items()]
+    md += ["", "Exchange = dispatch + combine all-to-all phases, forward and backward (the layer's "
+           "phase timer; for the overlap modes the backward exchange is not separable and only the "
+           "forward wait time counts)."]
+    if model:
+        pr = model["probe"]
+        md += ["", "## Cluster model vs measurement", "",
+               f"Links measured with raw all-to-alls ({pr['inter']['bytes_per_peer']} B per peer): node-local "
+               f"{pr['intra']['GBps']:.3f} GB/s per rank, {pr['intra']['alpha_us']:.0f} us per message; "
+               f"inter-node {pr['inter']['GBps']:.4f} GB/s per rank, {pr['inter']['alpha_us']:.0f} us per "
+               f"message. Traffic: the measured kept rows per rank (max/mean "
+               f"{max(model['gpu_share']) * len(model['gpu_share']):.2f}).", "",
+               "| mode | predicted exchange (s) | measured (s) | predicted / measured | predicted inter-node MB per rank per exchange |",
+               "|---|---:|---:|---:|---:|"]
+        for alg, m in model["modes"].items():
+            md.append(f"| {alg} | {m['exchange_s']:.4f} | {m['measured_exchange_s']:.4f} | "
+                      f"{m['predicted_over_measured']:.2f} | {m['inter_bytes_per_rank'] / 1e6:.3f} |")
+    return md
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    results = report["results"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = list(results)
+    ax.bar(names, [r["median_s"] for r in results.values()], label="layer fwd+bwd")
+    ax.bar(names, [r["median_exchange_s"] for r in results.values()], label="exchange (a2a phases)")
+    model = report["model_vs_measured"]
+    if model:
+        for alg, m in model["modes"].items():
+            ax.plot([names.index(alg)], [m["exchange_s"]], "k_", markersize=30, mew=2)
+        ax.plot([], [], "k_", label="model: predicted exchange")
+    ax.set(ylabel="seconds", title=f"dispatch modes {report['label']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -71,6 +223,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--probe-bytes", type=int, default=1 << 20, help="bytes per peer of the link probe")
+    p.add_argument("--probe-reps", type=int, default=5)
     p.add_argument("--label", default="", help="free text recorded with the result (e.g. link rate)")
     p.add_argument("--out", default="benchmarks/results/dispatch_modes.json")
     args = p.parse_args()
@@ -85,14 +239,22 @@ def main() -> None:
                          top_k=args.top_k, capacity_factor=args.capacity_factor,
                          eval_capacity_factor=args.capacity_factor, activation="gelu")
         x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(dist.get_rank()))
-        results = {}
-        for name, overrides in _modes(args.overlap_chunks, hierarchical).items():
-            layer = MoELayer(base.replace(**overrides), groups, seed=0)
-            times = time_mode(layer, x, args.iters, args.warmup)
-            results[name] = {"median_s": statistics.median(times), "times_s": times}
+        layers = {name: MoELayer(base.replace(**overrides), groups, seed=0)
+                  for name, overrides in _modes(args.overlap_chunks, hierarchical).items()}
+        results = time_modes(layers, x, args.iters, args.warmup)
         flat = results["flat"]["median_s"]
         for r in results.values():
             r["ratio_vs_flat"] = r["median_s"] / flat
+            r["exchange_ratio_vs_flat"] = r["median_exchange_s"] / max(results["flat"]["median_exchange_s"], 1e-12)
+        model = None
+        if hierarchical:
+            links = probe_links(groups, args.probe_bytes, 64, args.probe_reps)
+            model = predict_exchange(links, rpn, world, results["flat"]["kept_E"], args.iters, args.tokens,
+                                     args.top_k, args.hidden * x.element_size())
+            model["probe"] = links
+            for alg, pred in model["modes"].items():
+                pred["measured_exchange_s"] = results[alg]["median_exchange_s"]
+                pred["predicted_over_measured"] = pred["exchange_s"] / max(pred["measured_exchange_s"], 1e-12)
         if dist.get_rank() == 0:
             report = {
                 "benchmark": "dispatch_modes", "label": args.label,
@@ -103,30 +265,16 @@ def main() -> None:
                 "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
                              "hostname": platform.node()},
                 "results": results,
+                "model_vs_measured": model,
             }
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as fh:
                 json.dump(report, fh, indent=1)
-            md = [f"# Dispatch modes ({world} ranks, {rpn} per node) {args.label}", "",
-                  "| mode | median layer fwd+bwd (s) | ratio vs flat |", "|---|---|---|"]
-            md += [f"| {n} | {r['median_s']:.4f} | {r['ratio_vs_flat']:.3f} |" for n, r in results.items()]
+            md = markdown(report)
             with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
                 fh.write("\n".join(md) + "\n")
             print("\n".join(md), flush=True)
-            try:
-                import matplotlib
-
-                matplotlib.use("Agg")
-                import matplotlib.pyplot as plt
-
-                fig, ax = plt.subplots(figsize=(6, 3.5))
-                ax.bar(list(results), [r["median_s"] for r in results.values()])
-                ax.set(ylabel="layer fwd+bwd (s)", title=f"dispatch modes {args.label}")
-                fig.tight_layout()
-                fig.savefig(os.path.splitext(args.out)[0] + ".png", dpi=90)
-                plt.close(fig)
-            except ImportError:
-                pass
+            plot(report, os.path.splitext(args.out)[0] + ".png")
     finally:
         shutdown()
 
