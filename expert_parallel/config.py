@@ -121,9 +121,10 @@ class MoEConfig:
     expert compute (1 = no overlap)."""
 
     a2a_algorithm: str = "flat"
-    """``flat``: one all-to-all over the EP group; ``hierarchical``: node-local hop then
-    one aggregated message per node pair (needs ``ParallelGroups`` built with
-    ``ranks_per_node``)."""
+    """``flat``: one all-to-all over the EP group; ``hierarchical``: each token crosses
+    the inter-node link once per destination node (to the rank with the sender's local
+    index), then fans out over the node-local link; the combine sums per node before
+    crossing back (needs ``ParallelGroups`` built with ``ranks_per_node``)."""
 
     static_shapes: bool = False
     """Fixed-capacity padded dispatch: every (rank, expert) block is padded to the

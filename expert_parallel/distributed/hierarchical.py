@@ -110,7 +110,6 @@ def hierarchical_dispatch(
     uniq_RM: Sequence[Sequence[int]],
     me: int,
     ranks_per_node: int,
-    experts_per_rank: int,
     intra_group: Any,
     inter_group: Any,
 ) -> tuple[torch.Tensor, NodeRoute]:

@@ -74,6 +74,22 @@ class DispatchMetadata:
     keeps the full [R, R] count matrix here); None for the flat exchange."""
 
 
+@dataclass(frozen=True)
+class RoutedPairs:
+    """The kept pairs in expert order and the counts every rank agreed on (host ints)."""
+
+    token_S: torch.Tensor
+    weight_S: torch.Tensor
+    kept: list
+    """Pairs this rank sends to each global expert."""
+    recv: list
+    """Rows this rank receives, [R*e] rank-major."""
+    route: Any
+    nonfinite_ranks: tuple[int, ...]
+    extra: Any
+    """Whatever ``_route_extra`` computed before the exchange (device tensors)."""
+
+
 class LocalDispatcher:
     """EP=1: all experts are local; the only host sync is reading the counts."""
 
@@ -104,10 +120,9 @@ class LocalDispatcher:
         """Device-side routing data computed before the count exchange (none here)."""
         return None
 
-    def _route_pairs(self, routing: Routing, plan: CapacityPlan) -> tuple:
+    def _route_pairs(self, routing: Routing, plan: CapacityPlan) -> RoutedPairs:
         """Sort kept pairs by expert and exchange counts (the one host sync); every EP rank
-        raises together on non-finite logits. Returns (token_S, weight_S, kept, recv,
-        route, nonfinite_ranks, extra)."""
+        raises together on non-finite logits."""
         num_tokens, k = routing.topk_idx_TK.shape
         with self.timer.phase("permute"):
             order_P = sort_pairs_by_expert(routing.topk_idx_TK, plan.kept_TK, self.num_experts)
@@ -127,7 +142,7 @@ class LocalDispatcher:
             pair_S = order_P[: sum(kept)]
             token_S = torch.div(pair_S, k, rounding_mode="floor")
             weight_S = routing.topk_weight_TK.reshape(-1).index_select(0, pair_S)
-        return token_S, weight_S, kept, recv, route, nonfinite_ranks, extra
+        return RoutedPairs(token_S, weight_S, kept, recv, route, nonfinite_ranks, extra)
 
     def _split_sizes(self, kept: list[int], recv: list[int]) -> tuple[tuple, tuple, tuple]:
         R, e = self.ep_size, self.num_local
@@ -136,43 +151,44 @@ class LocalDispatcher:
         counts_local = tuple(sum(recv[r * e + l] for r in range(R)) for l in range(e))
         return input_splits, output_splits, counts_local
 
-    def _to_expert_major(self, recv: list[int], total: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Rank-major -> local-expert-major row indices (None when the order is the same)."""
+    def _finish(self, x_ND: torch.Tensor, x_TD: torch.Tensor, pairs: RoutedPairs, route: Any
+                ) -> tuple[torch.Tensor, DispatchMetadata]:
+        """Regroup the received rows rank-major -> local-expert-major; build the metadata."""
         R, e = self.ep_size, self.num_local
-        if R == 1 or e == 1:
-            return None
-        return regroup_rank_to_expert(torch.tensor(recv, device=device).view(R, e), total)
+        input_splits, output_splits, counts_local = self._split_sizes(pairs.kept, pairs.recv)
+        unregroup_N = None
+        if R > 1 and e > 1:
+            with self.timer.phase("permute"):
+                counts_Re = torch.tensor(pairs.recv, device=x_TD.device).view(R, e)
+                regroup_N = regroup_rank_to_expert(counts_Re, sum(output_splits))
+                x_ND = x_ND.index_select(0, regroup_N)
+                unregroup_N = inverse_permutation(regroup_N)
+        meta = DispatchMetadata(
+            num_tokens=x_TD.shape[0],
+            token_S=pairs.token_S,
+            weight_S=pairs.weight_S,
+            input_splits=input_splits,
+            output_splits=output_splits,
+            counts_local=counts_local,
+            unregroup_N=unregroup_N,
+            nonfinite_ranks=pairs.nonfinite_ranks,
+            out_dtype=x_TD.dtype,
+            route=route,
+        )
+        return x_ND, meta
 
     # -- the interface --------------------------------------------------------------
     def dispatch(
         self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan
     ) -> tuple[torch.Tensor, DispatchMetadata]:
         """Send kept pairs to their experts. Returns rows in local-expert-major order."""
-        token_S, weight_S, kept, recv, route, nonfinite_ranks, _ = self._route_pairs(routing, plan)
+        pairs = self._route_pairs(routing, plan)
         with self.timer.phase("permute"):
-            x_SD = self.timer.mark(x_TD, "permute").index_select(0, token_S)
-        input_splits, output_splits, counts_local = self._split_sizes(kept, recv)
+            x_SD = self.timer.mark(x_TD, "permute").index_select(0, pairs.token_S)
+        input_splits, output_splits, _ = self._split_sizes(pairs.kept, pairs.recv)
         x_SD = self.timer.mark(x_SD, "dispatch_a2a")  # backward-time mark (profiling only)
-        x_ND = self._send(x_SD, (output_splits, input_splits), route, reverse=False)
-        unregroup_N = None
-        with self.timer.phase("permute"):
-            regroup_N = self._to_expert_major(recv, sum(output_splits), x_TD.device)
-            if regroup_N is not None:
-                x_ND = x_ND.index_select(0, regroup_N)
-                unregroup_N = inverse_permutation(regroup_N)
-        meta = DispatchMetadata(
-            num_tokens=x_TD.shape[0],
-            token_S=token_S,
-            weight_S=weight_S,
-            input_splits=input_splits,
-            output_splits=output_splits,
-            counts_local=counts_local,
-            unregroup_N=unregroup_N,
-            nonfinite_ranks=nonfinite_ranks,
-            out_dtype=x_TD.dtype,
-            route=route,
-        )
-        return x_ND, meta
+        x_ND = self._send(x_SD, (output_splits, input_splits), pairs.route, reverse=False)
+        return self._finish(x_ND, x_TD, pairs, pairs.route)
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
         """Bring expert outputs home and sum them per token with their weights."""
@@ -267,34 +283,21 @@ class HierarchicalDispatcher(AllToAllDispatcher):
         self.timer.add_bytes(phase, rows_sent * row_bytes, rows_received * row_bytes)
 
     def dispatch(self, x_TD, routing, plan):
-        token_S, weight_S, kept, recv, route, nonfinite_ranks, extra = self._route_pairs(routing, plan)
-        counts_RR, uniq_RM = route
+        pairs = self._route_pairs(routing, plan)
+        counts_RR, uniq_RM = pairs.route
         g = self.groups
-        input_splits, output_splits, counts_local = self._split_sizes(kept, recv)
         # Backward-time marks (profiling only): the gather is fused into the hops, so the
         # "permute" backward segment is empty and the hops' backward counts as dispatch_a2a.
         x_TD = self.timer.mark(self.timer.mark(x_TD, "permute"), "dispatch_a2a")
-        row_bytes = x_TD.element_size() * x_TD.shape[-1]
         with self.timer.phase("dispatch_a2a"), comm_scope(phase="dispatch_a2a"):
             x_ND, node_route = hierarchical_dispatch(
-                x_TD, token_S, weight_S, extra[0], counts_RR, uniq_RM, g.ep_rank,
-                g.ranks_per_node, self.num_local, g.intra_group, g.inter_group)
+                x_TD, pairs.token_S, pairs.weight_S, pairs.extra[0], counts_RR, uniq_RM, g.ep_rank,
+                g.ranks_per_node, g.intra_group, g.inter_group)
         # Bytes over both hops (hop 1 carries unique tokens, hop 2 rows).
         self._add_bytes("dispatch_a2a", sum(node_route.uniq_send) + sum(node_route.intra_send),
-                        sum(node_route.uniq_recv) + sum(node_route.intra_recv), row_bytes)
-        unregroup_N = None
-        with self.timer.phase("permute"):
-            regroup_N = self._to_expert_major(recv, sum(output_splits), x_TD.device)
-            if regroup_N is not None:
-                x_ND = x_ND.index_select(0, regroup_N)
-                unregroup_N = inverse_permutation(regroup_N)
-        meta = DispatchMetadata(
-            num_tokens=x_TD.shape[0], token_S=token_S, weight_S=weight_S,
-            input_splits=input_splits, output_splits=output_splits, counts_local=counts_local,
-            unregroup_N=unregroup_N, nonfinite_ranks=nonfinite_ranks, out_dtype=x_TD.dtype,
-            route=node_route,
-        )
-        return x_ND, meta
+                        sum(node_route.uniq_recv) + sum(node_route.intra_recv),
+                        x_TD.element_size() * x_TD.shape[-1])
+        return self._finish(x_ND, x_TD, pairs, node_route)
 
     def combine(self, y_ND, meta):
         if meta.unregroup_N is not None:
