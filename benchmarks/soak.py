@@ -6,6 +6,10 @@ resident memory (RSS) stay flat once warmed up? The launcher runs under ``torchr
 this script samples every worker's ``VmRSS`` from ``/proc`` once a second and the
 current step from ``OUT/metrics.jsonl``, so the training code is not touched.
 
+The launcher's processes run on jemalloc when it is installed (``--host-allocator``,
+``expert_parallel/training/host_memory.py``); ``--train-args "--host-allocator glibc"``
+measures the system allocator instead.
+
 Growth after warm-up, per rank = (mean RSS over the last 5% of steps) / (mean RSS over
 the 100 steps after the warm-up) - 1; the warm-up is the first 10% of steps. Target:
 < 5% on every rank. Writes ``benchmarks/results/soak.{json,md,png}``.
@@ -148,7 +152,8 @@ def markdown(result: dict) -> str:
         f"Launcher: `{' '.join(result['launcher_cmd'][2:])}`  ",
         f"{result['steps']} steps, {result['nproc']} ranks, EP={result['ep_size']}; "
         f"torch {result['versions']['torch']}, {result['hardware']['cpus']} CPUs "
-        f"({result['hardware']['machine']}); wall time {result['wall_s']:.0f} s.",
+        f"({result['hardware']['machine']}); wall time {result['wall_s']:.0f} s; host allocator "
+        f"{result.get('host_allocator')}, {result.get('tokens_per_s') or 0:.0f} tokens/s.",
         "",
         f"Warm-up: steps 1-{a['warmup_steps']}; baseline = mean RSS over steps "
         f"{a['baseline_steps'][0]}-{a['baseline_steps'][1]}, end = mean over steps "
@@ -203,11 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"the launcher failed ({proc.returncode}); see {run_dir}/launcher.log")
     import torch
 
+    with open(os.path.join(run_dir, "summary.json")) as fh:
+        summary = json.load(fh)
     result = {
         "question": "Does resident memory stay flat (< 5% growth after warm-up) over a long run?",
         "command": "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "launcher_cmd": cmd, "steps": args.steps, "nproc": args.nproc, "ep_size": args.ep_size,
         "wall_s": time.monotonic() - t0, "run_dir": run_dir,
+        "host_allocator": summary.get("host_allocator"), "tokens_per_s": summary.get("tokens_per_s"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(),
                      "processor": platform.processor() or platform.machine()},

@@ -34,12 +34,17 @@ from expert_parallel.distributed.device import local_device  # noqa: E402
 from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
 from expert_parallel.distributed.launch_env import init_distributed, shutdown  # noqa: E402
 from expert_parallel.training.config import parse_args  # noqa: E402
+from expert_parallel.training.host_memory import select_allocator  # noqa: E402
 from expert_parallel.training.trainer import default_timeout, run  # noqa: E402
 
 
 @record
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(sys.argv[1:] if argv is None else argv)  # bad options fail before any rendezvous
+    if argv is None:
+        # May re-execute this process with jemalloc preloaded (same PID, argv and env):
+        # glibc's heap fragments over long runs (expert_parallel/training/host_memory.py).
+        select_allocator(cfg.host_allocator)
     try:
         info = init_distributed(timeout=default_timeout(cfg))
         if not torch.cuda.is_available():

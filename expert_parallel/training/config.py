@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, get_type_hints
 from ..config import MoEConfig, _check_float, _check_int
 from ..models.transformer import ModelConfig
 from ..moe.capacity_tuner import CapacityTunerConfig
+from .host_memory import select_allocator
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ class TrainConfig:
     """Timeout of every collective; a dead peer fails the run within it."""
     tensorboard: bool = True
     """Write TensorBoard scalars to OUT/tb."""
+    host_allocator: str = "auto"
+    """Host memory allocator of the launcher's processes: auto (jemalloc when installed,
+    else the system's), jemalloc, tcmalloc or glibc. glibc's heap fragments over long
+    runs; see ``training/host_memory.py`` for the measurements."""
     deepspeed: Optional[str] = None
     """Path of a DeepSpeed JSON config: train under ``deepspeed.initialize`` (ZeRO)."""
     nonfinite_policy: str = "raise"
@@ -137,6 +142,7 @@ class TrainConfig:
             _check_float(name, getattr(self, name), 0.0, strict=True)
         for name in ("min_lr", "weight_decay", "grad_clip", "fault_save_pause_s"):
             _check_float(name, getattr(self, name), 0.0, strict=False)
+        select_allocator(self.host_allocator, reexec=False)  # a known, installed choice
         if self.nonfinite_policy not in ("raise", "skip"):
             raise ValueError(f"nonfinite_policy must be 'raise' or 'skip', got {self.nonfinite_policy!r}")
         self.model_config()  # validates the model and MoE fields

@@ -36,6 +36,7 @@ from ..moe.stats import MoEStats
 from ..profiling.timer import PhaseTimer
 from .config import TrainConfig
 from .data import BatchSampler, load_data
+from .host_memory import active_allocator
 from .parallel import clip_grad_norm, sync_gradients
 from .report import RunLogger
 
@@ -277,12 +278,14 @@ class Trainer:
             world_size=self.world, ep_size=self.groups.ep_size, steps=self.step,
             steps_this_run=steps_done, initial_val_loss=initial_val_loss, final_val_loss=val_loss,
             tokens_per_s=(steps_done * tokens_per_step / elapsed) if steps_done and elapsed > 0 else 0.0,
-            elapsed_s=elapsed, data_source=self.data.source,
+            elapsed_s=elapsed, data_source=self.data.source, host_allocator=active_allocator(),
         )
         return summary
 
 
 def run(cfg: TrainConfig, groups: ParallelGroups, device: torch.device) -> dict:
+    if groups.rank == 0:
+        print(f"host allocator: {active_allocator()} (host_allocator={cfg.host_allocator})", flush=True)
     torch.manual_seed(cfg.seed + groups.rank)
     np.random.seed((cfg.seed + groups.rank) % (2**32))
     random.seed(cfg.seed + groups.rank)
