@@ -49,6 +49,12 @@ def comm_scope(where: Optional[str] = None, phase: Optional[str] = None,
         _SCOPE.reset(token)
 
 
+def current_scope() -> tuple[str, str, str]:
+    """The (where, phase, pass) label in force; an autograd Function saves it in forward
+    and restores it with :func:`comm_scope` around collectives it issues in backward."""
+    return _SCOPE.get()
+
+
 @contextlib.contextmanager
 def guard(kind: str) -> Iterator[None]:
     """Re-raise a backend error (gloo/NCCL ``RuntimeError``, ``DistBackendError``) of the

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..distributed.collectives import CALL_COUNTS, all_to_all_counts
+from ..distributed.collectives import CALL_COUNTS, all_to_all_counts, comm_scope, current_scope, guard
 from .capacity import CapacityPlan
 from .dispatcher import AllToAllDispatcher, NonFiniteRouterError
 from .permute import count_ids, inverse_permutation, regroup_rank_to_expert
@@ -44,24 +44,29 @@ class _StartAllToAll(torch.autograd.Function):
         out_ND = x_SD.new_empty((sum(output_splits),) + tuple(x_SD.shape[1:]))
         x_SD = x_SD.contiguous()
         ticket.keep = x_SD  # the send buffer must outlive the async op
-        ticket.work = dist.all_to_all_single(out_ND, x_SD, list(output_splits),
-                                             list(input_splits), group=group, async_op=True)
+        with guard("all_to_all_single_async"):
+            ticket.work = dist.all_to_all_single(out_ND, x_SD, list(output_splits),
+                                                 list(input_splits), group=group, async_op=True)
         ctx.ticket = ticket
+        ctx.scope = current_scope()  # the backward runs outside the caller's comm_scope
         return out_ND
 
     @staticmethod
     def backward(ctx, _grad_ND):  # type: ignore[override]
         ticket = ctx.ticket
-        ticket.bwd_work.wait()
+        with comm_scope(ctx.scope[0], ctx.scope[1], "backward"), guard("all_to_all_single_async"):
+            ticket.bwd_work.wait()
         return ticket.bwd_out, None, None, None, None
 
 
 class _WaitAllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out_ND, output_splits, input_splits, group, ticket):  # type: ignore[override]
-        ticket.work.wait()
+        with guard("all_to_all_single_async"):
+            ticket.work.wait()
         ticket.keep = None
         ctx.splits, ctx.group, ctx.ticket = (output_splits, input_splits), group, ticket
+        ctx.scope = current_scope()
         return out_ND.view_as(out_ND)
 
     @staticmethod
@@ -72,8 +77,9 @@ class _WaitAllToAll(torch.autograd.Function):
         CALL_COUNTS["all_to_all_single_async"] += 1
         ticket.bwd_out = grad_ND.new_empty((sum(input_splits),) + tuple(grad_ND.shape[1:]))
         ticket.keep = grad_ND
-        ticket.bwd_work = dist.all_to_all_single(ticket.bwd_out, grad_ND, list(input_splits),
-                                                 list(output_splits), group=ctx.group, async_op=True)
+        with comm_scope(ctx.scope[0], ctx.scope[1], "backward"), guard("all_to_all_single_async"):
+            ticket.bwd_work = dist.all_to_all_single(ticket.bwd_out, grad_ND, list(input_splits),
+                                                     list(output_splits), group=ctx.group, async_op=True)
         return grad_ND, None, None, None, None
 
 
@@ -112,7 +118,7 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
                                  torch.full_like(routing.topk_idx_TK, n * E))
             order_P = torch.sort(key_TK.reshape(-1), stable=True).indices
             kept_nE = count_ids(key_TK, n * E + 1)[: n * E].view(n, E)
-        with timer.phase("count_exchange"):
+        with timer.phase("count_exchange"), comm_scope(phase="count_exchange"):
             # [R, n*e + 1]: for destination rank r, per chunk, per local expert; + my flag.
             send = kept_nE.view(n, R, e).transpose(0, 1).reshape(R, n * e)
             flag = routing.nonfinite.reshape(1, 1).expand(R, 1).to(send.dtype)
@@ -141,12 +147,14 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
                 x_SD = x_TD.index_select(0, token_S)
             in_splits = [sum(kept_host[c * E + r * e : c * E + (r + 1) * e]) for r in range(R)]
             out_splits = [sum(got(r, c, l) for l in range(e)) for r in range(R)]
-            with timer.phase("dispatch_a2a"):
+            row_bytes = x_SD.element_size() * x_SD.shape[-1]
+            timer.add_bytes("dispatch_a2a", sum(in_splits) * row_bytes, sum(out_splits) * row_bytes)
+            with timer.phase("dispatch_a2a"), comm_scope(phase="dispatch_a2a"):
                 buf, ticket = start_all_to_all(x_SD, out_splits, in_splits, self.group)
             chunks.append((token_S, weight_S, in_splits, out_splits, buf, ticket))
         pending = []
         for c, (token_S, weight_S, in_splits, out_splits, buf, ticket) in enumerate(chunks):
-            with timer.phase("dispatch_a2a"):
+            with timer.phase("dispatch_a2a"), comm_scope(phase="dispatch_a2a"):
                 x_ND = wait_all_to_all(buf, out_splits, in_splits, self.group, ticket)
             counts_Re = [[got(r, c, l) for l in range(e)] for r in range(R)]
             counts_local = [sum(counts_Re[r][l] for r in range(R)) for l in range(e)]
@@ -157,12 +165,14 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
                 y_ND = experts(x_ND, counts_local)
             with timer.phase("unpermute"):
                 y_ND = y_ND.index_select(0, inverse_permutation(regroup_N))
-            with timer.phase("combine_a2a"):
+            row_bytes = y_ND.element_size() * y_ND.shape[-1]
+            timer.add_bytes("combine_a2a", sum(out_splits) * row_bytes, sum(in_splits) * row_bytes)
+            with timer.phase("combine_a2a"), comm_scope(phase="combine_a2a"):
                 back, ticket2 = start_all_to_all(y_ND, in_splits, out_splits, self.group)
             pending.append((token_S, weight_S, in_splits, out_splits, back, ticket2))
         out_TD = torch.zeros(num_tokens, x_TD.shape[-1], dtype=torch.float32, device=device)
         for token_S, weight_S, in_splits, out_splits, back, ticket2 in pending:
-            with timer.phase("combine_a2a"):
+            with timer.phase("combine_a2a"), comm_scope(phase="combine_a2a"):
                 y_SD = wait_all_to_all(back, in_splits, out_splits, self.group, ticket2)
             with timer.phase("unpermute"):
                 # Same fp32 weighted scatter-add as permute.combine_rows, into one buffer.

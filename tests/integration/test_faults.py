@@ -53,7 +53,7 @@ def _fault(mode: str) -> None:
     time.sleep(10 * TIMEOUT_S)  # "stall": alive, but never joins the collective
 
 
-def _peer_worker(rank: int, store: str, mode: str, where: str, result: str) -> None:
+def _peer_worker(rank: int, store: str, mode: str, where: str, result: str, chunks: int) -> None:
     """Two good steps, then rank 1 fails at ``where``; rank 0 records what it raised."""
     import torch.distributed as dist
 
@@ -64,8 +64,8 @@ def _peer_worker(rank: int, store: str, mode: str, where: str, result: str) -> N
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=timeout)
     groups = ParallelGroups.build(2, timeout=timeout)
-    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=4), groups,
-                     name="layers.0.ffn")
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=4, overlap_chunks=chunks),
+                     groups, name="layers.0.ffn")
     if rank == 1 and where == "combine":
         combine = layer.dispatcher.combine
 
@@ -112,6 +112,10 @@ PEER_CASES = {
     "stuck_before_forward": ("stall", "forward", "count_exchange", "forward"),
     "stuck_in_combine": ("stall", "combine", "combine_a2a", "forward"),
     "stuck_before_backward": ("stall", "backward", "combine_a2a", "backward"),
+    # The pipelined (overlap) dispatcher's async exchanges carry the same labels.
+    "overlap_dead_before_forward": ("die", "forward", "count_exchange", "forward", 2),
+    "overlap_dead_before_backward": ("die", "backward", "combine_a2a", "backward", 2),
+    "overlap_stuck_before_backward": ("stall", "backward", "combine_a2a", "backward", 2),
 }
 
 
@@ -119,11 +123,12 @@ PEER_CASES = {
 def test_dead_or_stuck_peer_fails_fast_with_named_phase(case: str) -> None:
     import torch.multiprocessing as mp
 
-    mode, where, phase, direction = PEER_CASES[case]
+    mode, where, phase, direction, *chunks = PEER_CASES[case]
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
-        procs = [ctx.Process(target=_peer_worker, args=(r, f"{tmp}/store", mode, where, result),
+        procs = [ctx.Process(target=_peer_worker, args=(r, f"{tmp}/store", mode, where, result,
+                                                        chunks[0] if chunks else 1),
                              daemon=True) for r in range(2)]
         for p in procs:
             p.start()
