@@ -22,67 +22,20 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
-import traceback
-from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from expert_parallel.distributed.local_ranks import run_local_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _rank_main(rank: int, world: int, tmpdir: str, threads: int, fn: Callable, args: tuple) -> None:
-    torch.set_num_threads(threads)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world)})
-    path = os.path.join(tmpdir, f"rank{rank}.pt")
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{tmpdir}/store", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=600))
-        torch.save({"ok": True, "result": fn(rank, world, *args)}, path)
-    except BaseException:  # noqa: BLE001 - hand every failure to the parent
-        torch.save({"ok": False, "error": traceback.format_exc()}, path)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def spawn(fn: Callable, world: int, *args: Any, threads: int = 1, timeout: float = 3600.0) -> list:
     """Run ``fn`` on ``world`` gloo ranks; returns their results in rank order."""
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmpdir:
-        procs = [ctx.Process(target=_rank_main, args=(r, world, tmpdir, threads, fn, args), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if hung:
-            raise TimeoutError(f"benchmark ranks {hung} did not finish within {timeout}s")
-        results, errors = [], []
-        for r in range(world):
-            path = os.path.join(tmpdir, f"rank{r}.pt")
-            if not os.path.exists(path):
-                errors.append(f"rank {r}: exit code {procs[r].exitcode}, no result")
-                continue
-            payload = torch.load(path, weights_only=False)
-            if payload["ok"]:
-                results.append(payload["result"])
-            else:
-                errors.append(f"rank {r}:\n{payload['error']}")
-        if errors:
-            raise RuntimeError("benchmark failed:\n" + "\n".join(errors))
-        return results
+    return run_local_ranks(fn, world, *args, threads=threads, timeout=timeout, group_timeout_s=600.0)
 
 
 def timed_max(fn: Callable[[], Any], group: Optional[Any] = None) -> float:
