@@ -64,7 +64,21 @@ def _modes(overlap_chunks: list[int], hierarchical: bool) -> dict[str, dict]:
     return modes
 
 
-def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup: int) -> dict:
+def link_tx_bytes() -> int:
+    """Bytes this network namespace has sent on every interface but loopback (Linux
+    ``/proc/net/dev``, which is per network namespace: on the emulated cluster each node's
+    veth link, i.e. exactly the inter-node traffic)."""
+    total = 0
+    with open("/proc/net/dev") as fh:
+        for line in fh.read().splitlines()[2:]:
+            name, counters = line.split(":", 1)
+            if name.strip() != "lo":
+                total += int(counters.split()[8])
+    return total
+
+
+def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup: int,
+               count_link: bool = False) -> dict:
     """Per mode and iteration, the slowest rank's layer time (forward + backward), exchange
     time (dispatch + combine all-to-all, forward + backward, from the phase timer) and
     count-exchange time; plus the kept rows per expert summed over ranks and iterations
@@ -73,7 +87,7 @@ def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup:
     timers = {name: PhaseTimer(x.device) for name in layers}
     for name, layer in layers.items():
         layer.set_timer(timers[name])
-    res = {name: {"times_s": [], "exchange_s": [], "count_exchange_s": [],
+    res = {name: {"times_s": [], "exchange_s": [], "count_exchange_s": [], "link_bytes": [],
                   "kept_E": torch.zeros(layer.config.num_experts, dtype=torch.int64)}
            for name, layer in layers.items()}
     for i in range(warmup + iters):
@@ -81,25 +95,27 @@ def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup:
             timer = timers[name]
             dist.barrier()
             timer.collect()
+            tx0 = link_tx_bytes() if count_link else 0
             t0 = time.perf_counter()
             out = layer(x)
             (out.output.float().square().mean() + out.aux_loss).backward()
             elapsed = time.perf_counter() - t0
             ph = timer.collect()
             a2a = sum(ph.get(p, 0.0) + ph.get(p + ".bwd", 0.0) for p in EXCHANGE)
-            slowest = torch.tensor([elapsed, a2a, ph.get("count_exchange", 0.0)], dtype=torch.float64)
+            tx = link_tx_bytes() - tx0 if count_link else 0
+            slowest = torch.tensor([elapsed, a2a, ph.get("count_exchange", 0.0), tx], dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
             if i >= warmup:
-                for key, v in zip(("times_s", "exchange_s", "count_exchange_s"), slowest.tolist()):
+                for key, v in zip(("times_s", "exchange_s", "count_exchange_s", "link_bytes"), slowest.tolist()):
                     res[name][key].append(v)
                 res[name]["kept_E"] += out.stats.kept_E.cpu()
     for name, layer in layers.items():
         layer.set_timer(NULL_TIMER)
         dist.all_reduce(res[name]["kept_E"])
         res[name]["kept_E"] = res[name]["kept_E"].tolist()
-        for key in ("times_s", "exchange_s", "count_exchange_s"):
-            res[name]["median_" + key[:-2] + "_s" if key != "times_s" else "median_s"] = \
-                statistics.median(res[name][key])
+        for key, med in (("times_s", "median_s"), ("exchange_s", "median_exchange_s"),
+                         ("count_exchange_s", "median_count_exchange_s"), ("link_bytes", "median_link_bytes")):
+            res[name][med] = statistics.median(res[name][key])
     return res
 
 
@@ -149,7 +165,9 @@ def predict_exchange(links: dict, rpn: int, world: int, kept_E: list[int], iters
     for alg in ("flat", "hierarchical"):
         one = exchange_time(world, model_links, gpu_share, kept_tokens, top_k, row_bytes, alg,
                             dedup=alg == "hierarchical")
-        out[alg] = {"exchange_s": 4 * one["seconds"], "inter_bytes_per_rank": one["ib_bytes_per_gpu"]}
+        # Four exchanges per iteration (dispatch, combine; forward and backward); L ranks per node.
+        out[alg] = {"exchange_s": 4 * one["seconds"], "inter_bytes_per_rank": one["ib_bytes_per_gpu"],
+                    "link_bytes_per_node_iter": 4 * rpn * one["ib_bytes_per_gpu"]}
     return {"links": asdict(model_links), "gpu_share": gpu_share, "kept_tokens_per_rank": kept_tokens,
             "modes": out}
 
@@ -161,13 +179,18 @@ def markdown(report: dict) -> list[str]:
           f"E={cfg['experts']}, top-{cfg['top_k']}, {cfg['tokens']} tokens/rank, D={cfg['hidden']}, "
           f"F={cfg['ffn']}, cf {cfg['capacity_factor']}; median of {cfg['iters']} iterations "
           f"(after {cfg['warmup']} warm-up), modes interleaved; each time is the slowest rank's.", "",
-          "| mode | layer fwd+bwd (s) | ratio vs flat | exchange fwd+bwd (s) | exchange ratio | count exchange (s) |",
-          "|---|---:|---:|---:|---:|---:|"]
+          "| mode | layer fwd+bwd (s) | ratio vs flat | exchange fwd+bwd (s) | exchange ratio | count exchange (s) "
+          "| inter-node MB per node per iteration |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    link = cfg.get("count_link_bytes")
     md += [f"| {n} | {r['median_s']:.4f} | {r['ratio_vs_flat']:.3f} | {r['median_exchange_s']:.4f} | "
-           f"{r['exchange_ratio_vs_flat']:.3f} | {r['median_count_exchange_s']:.4f} |" for n, r in results.items()]
+           f"{r['exchange_ratio_vs_flat']:.3f} | {r['median_count_exchange_s']:.4f} | "
+           f"{r['median_link_bytes'] / 1e6 if link else float('nan'):.2f} |" for n, r in results.items()]
     md += ["", "Exchange = dispatch + combine all-to-all phases, forward and backward (the layer's "
            "phase timer; for the overlap modes the backward exchange is not separable and only the "
-           "forward wait time counts)."]
+           "forward wait time counts). Inter-node MB: bytes the node sent on its non-loopback "
+           "interfaces during the iteration (`--count-link-bytes`, /proc/net/dev; TCP payload + headers), "
+           "the slower node's."]
     if model:
         pr = model["probe"]
         md += ["", "## Cluster model vs measurement", "",
@@ -176,11 +199,14 @@ def markdown(report: dict) -> list[str]:
                f"inter-node {pr['inter']['GBps']:.4f} GB/s per rank, {pr['inter']['alpha_us']:.0f} us per "
                f"message. Traffic: the measured kept rows per rank (max/mean "
                f"{max(model['gpu_share']) * len(model['gpu_share']):.2f}).", "",
-               "| mode | predicted exchange (s) | measured (s) | predicted / measured | predicted inter-node MB per rank per exchange |",
-               "|---|---:|---:|---:|---:|"]
+               "| mode | predicted exchange (s) | measured (s) | predicted / measured | predicted inter-node MB "
+               "per node per iteration | measured |",
+               "|---|---:|---:|---:|---:|---:|"]
         for alg, m in model["modes"].items():
+            measured = results[alg]["median_link_bytes"] / 1e6 if link else float("nan")
             md.append(f"| {alg} | {m['exchange_s']:.4f} | {m['measured_exchange_s']:.4f} | "
-                      f"{m['predicted_over_measured']:.2f} | {m['inter_bytes_per_rank'] / 1e6:.3f} |")
+                      f"{m['predicted_over_measured']:.2f} | {m['link_bytes_per_node_iter'] / 1e6:.2f} | "
+                      f"{measured:.2f} |")
     return md
 
 
@@ -225,6 +251,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--probe-bytes", type=int, default=1 << 20, help="bytes per peer of the link probe")
     p.add_argument("--probe-reps", type=int, default=5)
+    p.add_argument("--count-link-bytes", action="store_true",
+                   help="record the bytes each node sends on its non-loopback interfaces per "
+                        "iteration (/proc/net/dev; on the emulated cluster: the inter-node link)")
     p.add_argument("--label", default="", help="free text recorded with the result (e.g. link rate)")
     p.add_argument("--out", default="benchmarks/results/dispatch_modes.json")
     args = p.parse_args()
@@ -238,10 +267,13 @@ def main() -> None:
         base = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
                          top_k=args.top_k, capacity_factor=args.capacity_factor,
                          eval_capacity_factor=args.capacity_factor, activation="gelu")
-        x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(dist.get_rank()))
+        # The input needs a gradient, as inside a transformer: then the dispatch exchange has
+        # a backward too (four exchanges per iteration, not three).
+        x = torch.randn(args.tokens, args.hidden,
+                        generator=torch.Generator().manual_seed(dist.get_rank())).requires_grad_(True)
         layers = {name: MoELayer(base.replace(**overrides), groups, seed=0)
                   for name, overrides in _modes(args.overlap_chunks, hierarchical).items()}
-        results = time_modes(layers, x, args.iters, args.warmup)
+        results = time_modes(layers, x, args.iters, args.warmup, args.count_link_bytes)
         flat = results["flat"]["median_s"]
         for r in results.values():
             r["ratio_vs_flat"] = r["median_s"] / flat

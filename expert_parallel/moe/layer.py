@@ -114,7 +114,10 @@ class MoELayer(nn.Module):
         self._check_input(x)
         self.forward_calls += 1
         cfg, timer = self.config, self.timer
-        x_TD = x.reshape(-1, cfg.hidden_size)
+        # Backward-time marks (identity; only with an enabled timer, see profiling/timer.py):
+        # the input's gradient is complete when the whole layer backward is done ("router"),
+        # and the output's gradient arriving starts it ("begin", below).
+        x_TD = timer.mark(x.reshape(-1, cfg.hidden_size), "router")
         num_tokens = x_TD.shape[0]
 
         with timer.phase("router"):
@@ -146,6 +149,7 @@ class MoELayer(nn.Module):
 
         with timer.phase("stats"):
             stats = self._stats(plan, routing, capacity, num_tokens)
+        out_TD = timer.mark(out_TD, "begin")
         return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
 
     def _stats(self, plan, routing, capacity, num_tokens) -> MoEStats:

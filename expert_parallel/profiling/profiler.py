@@ -35,7 +35,6 @@ Definitions are in :mod:`expert_parallel.profiling.records`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -181,18 +180,15 @@ class MoEProfiler:
 
     @staticmethod
     def _pre_hook(name: str, timer: PhaseTimer):
-        def hook(module: Any, args: tuple) -> tuple:
-            timer.span_begin("forward")
-            # The input's gradient is complete when the whole layer backward is done.
-            return (timer.mark(args[0], "router"),) + tuple(args[1:])
+        def hook(module: Any, args: tuple) -> None:
+            timer.span_begin("forward")  # the layer itself drops the backward marks
         return hook
 
     def _post_hook(self, name: str, timer: PhaseTimer):
         def hook(module: Any, args: tuple, output: Any) -> Any:
             timer.span_end("forward")
             self._stats.setdefault(name, []).append(output.stats)
-            # The output's gradient arriving starts the layer backward.
-            return dataclasses.replace(output, output=timer.mark(output.output, "begin"))
+            return output
         return hook
 
     def _emit(self, record: dict) -> None:

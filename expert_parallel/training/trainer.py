@@ -259,7 +259,7 @@ class Trainer:
                 raise CollectiveError(f"step {self.step}: {err}") from err
             dt = time.perf_counter() - t0
             phases = self.timer.collect()
-            a2a = sum(phases.get(p, 0.0) for p in A2A_PHASES)
+            a2a = sum(phases.get(p, 0.0) + phases.get(p + ".bwd", 0.0) for p in A2A_PHASES)
             self.step += 1
             steps_done += 1
             evaluated = self.step % cfg.eval_every == 0 or self.step == last_step
