@@ -43,7 +43,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..moe.permute import inverse_permutation, regroup_rank_to_expert
+from ..moe.permute import regroup_rank_to_expert
 from .collectives import all_to_all_rows
 
 # The inter-node hop carries each row's index into its node's unique block as fp32 beside
@@ -62,17 +62,16 @@ class NodeRoute:
     uniq_recv: tuple[int, ...]
     """Unique rows this rank received from each source node (hop 1 output splits)."""
     index_Q: torch.Tensor
-    """For each expanded row on the relay rank, its row in the received unique block."""
+    """For each row the relay sends in hop 2 (local index j-major), its row in the block
+    of unique rows it received in hop 1."""
     weight_Q: torch.Tensor
-    """Combine weight of each expanded row (fp32, carries the router gradient)."""
-    unregroup_Q: torch.Tensor
-    """Hop-2 send order (local index j-major) -> expanded order (source-node-major)."""
+    """Combine weight of each of those rows (fp32, carries the router gradient)."""
     intra_send: tuple[int, ...]
     """Rows the relay rank sends to each node-local rank (hop 2 input splits)."""
     intra_recv: tuple[int, ...]
     """Rows this rank receives from each node-local relay (hop 2 output splits)."""
     to_rank_major_N: torch.Tensor
-    """Hop-2 arrival order -> source-rank-major order."""
+    """Source-rank-major row n is hop-2 arrival row ``to_rank_major_N[n]``."""
 
 
 def node_need(
@@ -114,8 +113,9 @@ def hierarchical_dispatch(
     inter_group: Any,
 ) -> tuple[torch.Tensor, NodeRoute]:
     """Send the kept rows (``token_S``, expert-sorted, so destination-rank-major) to their
-    experts' ranks. Returns the rows this rank receives in source-rank-major order (as the
-    flat all-to-all would deliver them) and the :class:`NodeRoute` for the combine."""
+    experts' ranks. Returns the rows this rank receives, in hop-2 arrival order, and the
+    :class:`NodeRoute`; ``x_ND[route.to_rank_major_N]`` is the source-rank-major order the
+    flat all-to-all delivers."""
     L, R = ranks_per_node, len(counts_RR)
     M = R // L
     m, i = divmod(me, L)
@@ -150,24 +150,25 @@ def hierarchical_dispatch(
         _offsets(uniq_recv, device), torch.tensor(rows_recv, device=device), output_size=sum(rows_recv))
     weight_Q = side_Q2[:, 0]
 
-    # -- expand on the relay and regroup (source node, j) -> (j, source node) --------------
-    x_QD = x_VD.index_select(0, index_Q)
+    # -- expand on the relay, in hop-2 send order: (j, source node)-major ---------------------
+    # One gather does both the fan-out and the regroup from (source node, j)-major.
     sent_MJ = [[counts_RR[s][m * L + j] for j in range(L)] for s in src]
     regroup_Q = regroup_rank_to_expert(torch.tensor(sent_MJ, device=device, dtype=torch.long), len(index_Q))
-    x_QD = x_QD.index_select(0, regroup_Q)
+    index_Q, weight_Q = index_Q.index_select(0, regroup_Q), weight_Q.index_select(0, regroup_Q)
+    x_QD = x_VD.index_select(0, index_Q)
 
     # -- hop 2: inside the node --------------------------------------------------------------
     intra_send = tuple(sum(sent_MJ[s][j] for s in range(M)) for j in range(L))
     got_IM = [[counts_RR[s * L + ii][me] for s in range(M)] for ii in range(L)]
     intra_recv = tuple(sum(row) for row in got_IM)
     x_ND = all_to_all_rows(x_QD, intra_recv, intra_send, intra_group)
-    # Arrived (relay i', source node)-major; the flat order is (source node, i').
+    # Arrived (relay i', source node)-major; the flat order is (source node, i'). The
+    # caller folds this permutation into its own regroup (one gather instead of two).
     to_rank_major_N = regroup_rank_to_expert(torch.tensor(got_IM, device=device, dtype=torch.long),
                                              sum(intra_recv))
-    x_ND = x_ND.index_select(0, to_rank_major_N)
     route = NodeRoute(token_U=token_U, uniq_send=uniq_send, uniq_recv=uniq_recv, index_Q=index_Q,
-                      weight_Q=weight_Q, unregroup_Q=inverse_permutation(regroup_Q),
-                      intra_send=intra_send, intra_recv=intra_recv, to_rank_major_N=to_rank_major_N)
+                      weight_Q=weight_Q, intra_send=intra_send, intra_recv=intra_recv,
+                      to_rank_major_N=to_rank_major_N)
     return x_ND, route
 
 
@@ -179,12 +180,10 @@ def hierarchical_combine(
     intra_group: Any,
     inter_group: Any,
 ) -> torch.Tensor:
-    """Bring expert outputs (source-rank-major, as dispatched) home: back inside the node,
-    weighted and summed per (node, token) on the relay, back across nodes, summed per
-    token in fp32. Returns ``out_TD`` in ``out_dtype``."""
-    y_ND = y_ND.index_select(0, inverse_permutation(route.to_rank_major_N))
+    """Bring expert outputs (in hop-2 arrival order, as dispatched) home: back inside the
+    node, weighted and summed per (node, token) on the relay, back across nodes, summed
+    per token in fp32. Returns ``out_TD`` in ``out_dtype``."""
     y_QD = all_to_all_rows(y_ND, route.intra_send, route.intra_recv, intra_group)
-    y_QD = y_QD.index_select(0, route.unregroup_Q)
     z_VD = torch.zeros(sum(route.uniq_recv), y_QD.shape[-1], dtype=torch.float32, device=y_QD.device)
     z_VD = z_VD.index_add(0, route.index_Q, y_QD.float() * route.weight_Q.unsqueeze(-1)).to(y_QD.dtype)
     z_UD = all_to_all_rows(z_VD, route.uniq_send, route.uniq_recv, inter_group)

@@ -151,16 +151,21 @@ class LocalDispatcher:
         counts_local = tuple(sum(recv[r * e + l] for r in range(R)) for l in range(e))
         return input_splits, output_splits, counts_local
 
-    def _finish(self, x_ND: torch.Tensor, x_TD: torch.Tensor, pairs: RoutedPairs, route: Any
-                ) -> tuple[torch.Tensor, DispatchMetadata]:
-        """Regroup the received rows rank-major -> local-expert-major; build the metadata."""
+    def _finish(self, x_ND: torch.Tensor, x_TD: torch.Tensor, pairs: RoutedPairs, route: Any,
+                to_rank_major_N: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, DispatchMetadata]:
+        """Regroup the received rows rank-major -> local-expert-major (after
+        ``to_rank_major_N``, when the exchange delivered another order: both in one
+        gather); build the metadata."""
         R, e = self.ep_size, self.num_local
         input_splits, output_splits, counts_local = self._split_sizes(pairs.kept, pairs.recv)
         unregroup_N = None
-        if R > 1 and e > 1:
+        if (R > 1 and e > 1) or to_rank_major_N is not None:
             with self.timer.phase("permute"):
-                counts_Re = torch.tensor(pairs.recv, device=x_TD.device).view(R, e)
-                regroup_N = regroup_rank_to_expert(counts_Re, sum(output_splits))
+                regroup_N = to_rank_major_N
+                if R > 1 and e > 1:
+                    counts_Re = torch.tensor(pairs.recv, device=x_TD.device).view(R, e)
+                    expert_major_N = regroup_rank_to_expert(counts_Re, sum(output_splits))
+                    regroup_N = expert_major_N if regroup_N is None else regroup_N[expert_major_N]
                 x_ND = x_ND.index_select(0, regroup_N)
                 unregroup_N = inverse_permutation(regroup_N)
         meta = DispatchMetadata(
@@ -297,7 +302,7 @@ class HierarchicalDispatcher(AllToAllDispatcher):
         self._add_bytes("dispatch_a2a", sum(node_route.uniq_send) + sum(node_route.intra_send),
                         sum(node_route.uniq_recv) + sum(node_route.intra_recv),
                         x_TD.element_size() * x_TD.shape[-1])
-        return self._finish(x_ND, x_TD, pairs, node_route)
+        return self._finish(x_ND, x_TD, pairs, node_route, node_route.to_rank_major_N)
 
     def combine(self, y_ND, meta):
         if meta.unregroup_N is not None:
