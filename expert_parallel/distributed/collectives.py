@@ -134,6 +134,71 @@ def all_to_all_rows(
     return _AllToAllRows.apply(x_SD, tuple(output_splits), tuple(input_splits), group)
 
 
+# -- asynchronous pair: start now, wait later (overlap.py, hierarchical.py) --------------
+class _Ticket:
+    """Work handles and buffers shared by a start/wait pair (forward and backward)."""
+
+    __slots__ = ("work", "bwd_work", "bwd_out", "keep")
+
+
+class _StartAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_SD, output_splits, input_splits, group, ticket):  # type: ignore[override]
+        CALL_COUNTS["all_to_all_single_async"] += 1
+        out_ND = x_SD.new_empty((sum(output_splits),) + tuple(x_SD.shape[1:]))
+        x_SD = x_SD.contiguous()
+        ticket.keep = x_SD  # the send buffer must outlive the async op
+        with guard("all_to_all_single_async"):
+            ticket.work = dist.all_to_all_single(out_ND, x_SD, list(output_splits),
+                                                 list(input_splits), group=group, async_op=True)
+        ctx.ticket = ticket
+        ctx.scope = _SCOPE.get()  # the backward runs outside the caller's comm_scope
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, _grad_ND):  # type: ignore[override]
+        ticket = ctx.ticket
+        with comm_scope(ctx.scope[0], ctx.scope[1], "backward"), guard("all_to_all_single_async"):
+            ticket.bwd_work.wait()
+        return ticket.bwd_out, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out_ND, output_splits, input_splits, group, ticket):  # type: ignore[override]
+        with guard("all_to_all_single_async"):
+            ticket.work.wait()
+        ticket.keep = None
+        ctx.splits, ctx.group, ctx.ticket = (output_splits, input_splits), group, ticket
+        ctx.scope = _SCOPE.get()
+        return out_ND.view_as(out_ND)
+
+    @staticmethod
+    def backward(ctx, grad_ND):  # type: ignore[override]
+        output_splits, input_splits = ctx.splits
+        ticket = ctx.ticket
+        grad_ND = grad_ND.contiguous()
+        CALL_COUNTS["all_to_all_single_async"] += 1
+        ticket.bwd_out = grad_ND.new_empty((sum(input_splits),) + tuple(grad_ND.shape[1:]))
+        ticket.keep = grad_ND
+        with comm_scope(ctx.scope[0], ctx.scope[1], "backward"), guard("all_to_all_single_async"):
+            ticket.bwd_work = dist.all_to_all_single(ticket.bwd_out, grad_ND, list(input_splits),
+                                                     list(output_splits), group=ctx.group, async_op=True)
+        return grad_ND, None, None, None, None
+
+
+def start_all_to_all(x_SD, output_splits, input_splits, group) -> tuple[torch.Tensor, _Ticket]:
+    """Begin a differentiable variable-split all-to-all over ``group``; finish it with
+    :func:`wait_all_to_all`. Splits are host ints; no host sync here."""
+    ticket = _Ticket()
+    out = _StartAllToAll.apply(x_SD, tuple(output_splits), tuple(input_splits), group, ticket)
+    return out, ticket
+
+
+def wait_all_to_all(out_ND, output_splits, input_splits, group, ticket) -> torch.Tensor:
+    return _WaitAllToAll.apply(out_ND, tuple(output_splits), tuple(input_splits), group, ticket)
+
+
 def all_gather_rows(x: torch.Tensor, group: Optional[Any]) -> list[torch.Tensor]:
     """All-gather equal-shaped tensors over ``group`` (not differentiable)."""
     if group is None:

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 
 from ..moe.permute import regroup_rank_to_expert
-from .collectives import all_to_all_rows
+from .collectives import all_to_all_rows, start_all_to_all, wait_all_to_all
 
 # The inter-node hop carries each row's index into its node's unique block as fp32 beside
 # the weight (one exchange instead of two); fp32 holds integers exactly below 2**24.
@@ -144,8 +144,12 @@ def hierarchical_dispatch(
     src = [s * L + i for s in range(M)]  # the sources of my inter-node group, by node
     uniq_recv = tuple(int(uniq_RM[s][m]) for s in src)
     rows_recv = [sum(counts_RR[s][m * L : (m + 1) * L]) for s in src]
-    x_VD = all_to_all_rows(x_UD, uniq_recv, uniq_send, inter_group)
-    side_Q2 = all_to_all_rows(side_S2, rows_recv, rows_send, inter_group)
+    # Both exchanges in flight at once: the small side message costs no extra round trip
+    # on the slow link (its backward, the weight gradients, likewise).
+    side_Q2, side_ticket = start_all_to_all(side_S2, rows_recv, rows_send, inter_group)
+    x_VD, x_ticket = start_all_to_all(x_UD, uniq_recv, uniq_send, inter_group)
+    side_Q2 = wait_all_to_all(side_Q2, rows_recv, rows_send, inter_group, side_ticket)
+    x_VD = wait_all_to_all(x_VD, uniq_recv, uniq_send, inter_group, x_ticket)
     index_Q = side_Q2[:, 1].detach().to(torch.long) + torch.repeat_interleave(
         _offsets(uniq_recv, device), torch.tensor(rows_recv, device=device), output_size=sum(rows_recv))
     weight_Q = side_Q2[:, 0]
