@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -191,6 +192,7 @@ def markdown(report: dict) -> list[str]:
            "forward wait time counts). Inter-node MB: bytes the node sent on its non-loopback "
            "interfaces during the iteration (`--count-link-bytes`, /proc/net/dev; TCP payload + headers), "
            "the slower node's."]
+    md += ["", "## Targets (issue: faster dispatch)", ""] + targets(results, model)
     if model:
         pr = model["probe"]
         md += ["", "## Cluster model vs measurement", "",
@@ -208,6 +210,25 @@ def markdown(report: dict) -> list[str]:
                       f"{m['predicted_over_measured']:.2f} | {m['link_bytes_per_node_iter'] / 1e6:.2f} | "
                       f"{measured:.2f} |")
     return md
+
+
+def targets(results: dict, model: Optional[dict]) -> list[str]:
+    """Each target of the faster-dispatch work, met or missed, and by how much."""
+    out = []
+    overlap = {n: r["ratio_vs_flat"] for n, r in results.items() if n.startswith("overlap")}
+    if overlap:
+        best = min(overlap, key=overlap.get)
+        out.append(f"- overlap layer time <= 0.85x flat: {best} {overlap[best]:.3f}x -> "
+                   f"{'met' if overlap[best] <= 0.85 else 'MISSED'} ("
+                   + ", ".join(f"{n} {v:.3f}x" for n, v in overlap.items()) + ")")
+    if "hierarchical" in results:
+        h = results["hierarchical"]["ratio_vs_flat"]
+        out.append(f"- hierarchical faster than flat: {h:.3f}x -> {'met' if h < 1.0 else f'MISSED by {100 * (h - 1):.0f}%'}")
+    if model:
+        worst = max(max(m["predicted_over_measured"], 1 / m["predicted_over_measured"]) for m in model["modes"].values())
+        out.append(f"- cluster model within 2x of the measured exchange time: worst factor {worst:.2f} -> "
+                   f"{'met' if worst <= 2.0 else 'MISSED'}")
+    return out
 
 
 def plot(report: dict, path: str) -> None:

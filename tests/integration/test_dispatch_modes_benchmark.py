@@ -37,3 +37,4 @@ def test_dispatch_modes_benchmark_tiny(tmp_path) -> None:
     assert model["modes"]["hierarchical"]["inter_bytes_per_rank"] < model["modes"]["flat"]["inter_bytes_per_rank"]
     md = (tmp_path / "dm.md").read_text()
     assert "Cluster model vs measurement" in md and (tmp_path / "dm.png").exists()
+    assert "- hierarchical faster than flat:" in md and "- overlap layer time <= 0.85x flat:" in md
