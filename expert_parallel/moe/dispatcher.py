@@ -70,8 +70,8 @@ class DispatchMetadata:
     """EP ranks (group-local) whose router logits held NaN/Inf this forward."""
     out_dtype: torch.dtype
     route: Any = None
-    """Extra routing facts a dispatcher needs for its exchange (the hierarchical one
-    keeps the full [R, R] count matrix here); None for the flat exchange."""
+    """Extra routing facts a dispatcher needs to undo its exchange (the hierarchical one
+    keeps its frozen ``NodeRoute`` here); None for the flat exchange."""
 
 
 @dataclass(frozen=True)
