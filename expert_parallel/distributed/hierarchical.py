@@ -46,11 +46,6 @@ import torch
 from ..moe.permute import regroup_rank_to_expert
 from .collectives import all_to_all_rows, start_all_to_all, wait_all_to_all
 
-# The inter-node hop carries each row's index into its node's unique block as fp32 beside
-# the weight (one exchange instead of two); fp32 holds integers exactly below 2**24.
-MAX_EXACT_INDEX = 2**24
-
-
 @dataclass(frozen=True)
 class NodeRoute:
     """Everything the hierarchical combine needs to undo the dispatch (immutable)."""
@@ -121,8 +116,6 @@ def hierarchical_dispatch(
     m, i = divmod(me, L)
     T = x_TD.shape[0]
     device = x_TD.device
-    if T >= MAX_EXACT_INDEX:
-        raise ValueError(f"hierarchical all-to-all supports < {MAX_EXACT_INDEX} tokens per rank, got {T}")
 
     # -- on the source: one row per (destination node, token) ------------------------------
     uniq_send = tuple(int(u) for u in uniq_RM[me])
@@ -138,7 +131,9 @@ def hierarchical_dispatch(
     node_S = torch.repeat_interleave(torch.arange(M, device=device),
                                      torch.tensor(rows_send, device=device), output_size=len(token_S))
     index_S = slot_MT[node_S * T + token_S] - _offsets(uniq_send, device)[node_S]
-    side_S2 = torch.stack([weight_S.float(), index_S.to(torch.float32)], 1)
+    # One side message per row: its index into the node's unique block and its combine
+    # weight, both as float64 (exact for any index below 2**53; the weight keeps its grad).
+    side_S2 = torch.stack([weight_S.double(), index_S.double()], 1)
 
     # -- hop 1: across nodes, to the rank with my local index --------------------------------
     src = [s * L + i for s in range(M)]  # the sources of my inter-node group, by node
@@ -152,7 +147,7 @@ def hierarchical_dispatch(
     x_VD = wait_all_to_all(x_VD, uniq_recv, uniq_send, inter_group, x_ticket)
     index_Q = side_Q2[:, 1].detach().to(torch.long) + torch.repeat_interleave(
         _offsets(uniq_recv, device), torch.tensor(rows_recv, device=device), output_size=sum(rows_recv))
-    weight_Q = side_Q2[:, 0]
+    weight_Q = side_Q2[:, 0].float()
 
     # -- expand on the relay, in hop-2 send order: (j, source node)-major ---------------------
     # One gather does both the fan-out and the regroup from (source node, j)-major.
