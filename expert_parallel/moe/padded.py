@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..distributed.collectives import all_to_all_rows
+from ..distributed.collectives import all_to_all_rows, comm_scope
 from ..profiling.timer import NULL_TIMER
 from .capacity import CapacityPlan
 from .permute import combine_rows, count_ids
@@ -74,7 +74,9 @@ class PaddedDispatcher:
             buf = x_TD.new_zeros(E * C + 1, x_TD.shape[-1])
             buf = buf.index_add(0, dest_P, x_TD.index_select(0, token_P))[: E * C]
         splits = [e * C] * R
-        with self.timer.phase("dispatch_a2a"):
+        padded_bytes = buf.numel() * buf.element_size()  # every slot travels, used or not
+        self.timer.add_bytes("dispatch_a2a", padded_bytes, padded_bytes)
+        with self.timer.phase("dispatch_a2a"), comm_scope(phase="dispatch_a2a"):
             recv = all_to_all_rows(buf, splits, splits, self.group)
         with self.timer.phase("permute"):
             x_ND = recv.view(R, e, C, -1).transpose(0, 1).reshape(e * R * C, -1)
@@ -86,7 +88,9 @@ class PaddedDispatcher:
         with self.timer.phase("unpermute"):
             y = y_ND.view(e, R, C, -1).transpose(0, 1).reshape(R * e * C, -1)
         splits = [e * C] * R
-        with self.timer.phase("combine_a2a"):
+        padded_bytes = y.numel() * y.element_size()
+        self.timer.add_bytes("combine_a2a", padded_bytes, padded_bytes)
+        with self.timer.phase("combine_a2a"), comm_scope(phase="combine_a2a"):
             back = all_to_all_rows(y, splits, splits, self.group)
         with self.timer.phase("unpermute"):
             back = torch.cat([back, back.new_zeros(1, back.shape[-1])])

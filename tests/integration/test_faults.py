@@ -53,7 +53,7 @@ def _fault(mode: str) -> None:
     time.sleep(10 * TIMEOUT_S)  # "stall": alive, but never joins the collective
 
 
-def _peer_worker(rank: int, store: str, mode: str, where: str, result: str, chunks: int) -> None:
+def _peer_worker(rank: int, store: str, mode: str, where: str, result: str, overrides: dict) -> None:
     """Two good steps, then rank 1 fails at ``where``; rank 0 records what it raised."""
     import torch.distributed as dist
 
@@ -64,7 +64,7 @@ def _peer_worker(rank: int, store: str, mode: str, where: str, result: str, chun
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=timeout)
     groups = ParallelGroups.build(2, timeout=timeout)
-    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=4, overlap_chunks=chunks),
+    layer = MoELayer(MoEConfig(hidden_size=8, ffn_hidden_size=12, num_experts=4, **overrides),
                      groups, name="layers.0.ffn")
     if rank == 1 and where == "combine":
         combine = layer.dispatcher.combine
@@ -103,6 +103,7 @@ def _peer_worker(rank: int, store: str, mode: str, where: str, result: str, chun
             raise  # the survivor exits non-zero
 
 
+STATIC = {"static_shapes": True, "capacity_factor": 1.25, "eval_capacity_factor": 1.25}
 PEER_CASES = {
     # name: (mode, where, expected phase, expected pass)
     "dead_before_forward": ("die", "forward", "count_exchange", "forward"),
@@ -113,9 +114,12 @@ PEER_CASES = {
     "stuck_in_combine": ("stall", "combine", "combine_a2a", "forward"),
     "stuck_before_backward": ("stall", "backward", "combine_a2a", "backward"),
     # The pipelined (overlap) dispatcher's async exchanges carry the same labels.
-    "overlap_dead_before_forward": ("die", "forward", "count_exchange", "forward", 2),
-    "overlap_dead_before_backward": ("die", "backward", "combine_a2a", "backward", 2),
-    "overlap_stuck_before_backward": ("stall", "backward", "combine_a2a", "backward", 2),
+    "overlap_dead_before_forward": ("die", "forward", "count_exchange", "forward", {"overlap_chunks": 2}),
+    "overlap_dead_before_backward": ("die", "backward", "combine_a2a", "backward", {"overlap_chunks": 2}),
+    "overlap_stuck_before_backward": ("stall", "backward", "combine_a2a", "backward", {"overlap_chunks": 2}),
+    # Static shapes: no count exchange, so the padded dispatch exchange is the first to fail.
+    "static_dead_before_forward": ("die", "forward", "dispatch_a2a", "forward", STATIC),
+    "static_dead_before_backward": ("die", "backward", "combine_a2a", "backward", STATIC),
 }
 
 
@@ -123,12 +127,12 @@ PEER_CASES = {
 def test_dead_or_stuck_peer_fails_fast_with_named_phase(case: str) -> None:
     import torch.multiprocessing as mp
 
-    mode, where, phase, direction, *chunks = PEER_CASES[case]
+    mode, where, phase, direction, *overrides = PEER_CASES[case]
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
         procs = [ctx.Process(target=_peer_worker, args=(r, f"{tmp}/store", mode, where, result,
-                                                        chunks[0] if chunks else 1),
+                                                        overrides[0] if overrides else {}),
                              daemon=True) for r in range(2)]
         for p in procs:
             p.start()
