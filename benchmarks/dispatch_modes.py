@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks._common import timed_max  # noqa: E402
 from benchmarks.cluster_model import Links, exchange_time  # noqa: E402
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
 from expert_parallel.distributed.launch_env import init_distributed, shutdown  # noqa: E402
@@ -126,17 +127,9 @@ def probe_links(groups: ParallelGroups, nbytes: int, small: int, reps: int) -> d
     of ``reps`` raw all-to-alls of ``small`` and ``nbytes`` bytes per peer."""
 
     def run(group, size: int, peers: int) -> float:
-        n = max(1, size // 4)
-        buf = torch.zeros(n * peers)
+        buf = torch.zeros(max(1, size // 4) * peers)
         out = torch.empty_like(buf)
-        samples = []
-        for _ in range(reps + 1):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_to_all_single(out, buf, group=group)
-            t = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            samples.append(float(t))
+        samples = [timed_max(lambda: dist.all_to_all_single(out, buf, group=group)) for _ in range(reps + 1)]
         return statistics.median(samples[1:])
 
     L = groups.ranks_per_node
@@ -151,8 +144,8 @@ def probe_links(groups: ParallelGroups, nbytes: int, small: int, reps: int) -> d
     return out
 
 
-def predict_exchange(links: dict, rpn: int, world: int, kept_E: list[int], iters: int, tokens: int,
-                     top_k: int, row_bytes: int) -> dict:
+def predict_exchange(links: dict, rpn: int, world: int, kept_E: list[int], iters: int, top_k: int,
+                     row_bytes: int) -> dict:
     """The cluster model at the measured link parameters and traffic: exchange seconds
     (dispatch + combine, forward + backward) for the flat and the hierarchical mode."""
     model_links = Links(gpus_per_node=rpn, nvlink_GBps=links["intra"]["GBps"], ib_GBps=links["inter"]["GBps"],
@@ -302,7 +295,7 @@ def main() -> None:
         model = None
         if hierarchical:
             links = probe_links(groups, args.probe_bytes, 64, args.probe_reps)
-            model = predict_exchange(links, rpn, world, results["flat"]["kept_E"], args.iters, args.tokens,
+            model = predict_exchange(links, rpn, world, results["flat"]["kept_E"], args.iters,
                                      args.top_k, args.hidden * x.element_size())
             model["probe"] = links
             for alg, pred in model["modes"].items():

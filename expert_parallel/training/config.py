@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence, get_type_hints
 from ..config import MoEConfig, _check_float, _check_int
 from ..models.transformer import ModelConfig
 from ..moe.capacity_tuner import CapacityTunerConfig
-from .host_memory import select_allocator
+from .host_memory import check_allocator
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class TrainConfig:
             _check_float(name, getattr(self, name), 0.0, strict=True)
         for name in ("min_lr", "weight_decay", "grad_clip", "fault_save_pause_s"):
             _check_float(name, getattr(self, name), 0.0, strict=False)
-        select_allocator(self.host_allocator, reexec=False)  # a known, installed choice
+        check_allocator(self.host_allocator)  # a known choice; an explicit library is installed
         if self.nonfinite_policy not in ("raise", "skip"):
             raise ValueError(f"nonfinite_policy must be 'raise' or 'skip', got {self.nonfinite_policy!r}")
         self.model_config()  # validates the model and MoE fields

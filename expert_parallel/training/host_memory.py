@@ -22,6 +22,7 @@ Linux only; elsewhere the system allocator is kept.
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import sys
 from typing import Optional
@@ -31,9 +32,28 @@ _LIBRARY = {"jemalloc": "jemalloc", "tcmalloc": "tcmalloc_minimal"}
 _REEXEC_MARK = "EXPERT_PARALLEL_ALLOCATOR_REEXEC"  # set in the re-executed process only
 
 
+@functools.lru_cache(maxsize=None)
 def _library(name: str) -> Optional[str]:
-    """The soname of an installed allocator library (found via the linker cache)."""
+    """The soname of an installed allocator library (found via the linker cache, which
+    ``find_library`` reads by running ``ldconfig``: once per name and process)."""
     return ctypes.util.find_library(_LIBRARY[name])
+
+
+def check_allocator(choice: str) -> Optional[str]:
+    """Validate ``choice``; return the library to preload for it (None: keep the system
+    allocator). An explicit jemalloc / tcmalloc that is not installed is a ValueError."""
+    if choice not in ALLOCATORS:
+        raise ValueError(f"host_allocator must be one of {ALLOCATORS}, got {choice!r}")
+    if choice == "glibc" or not sys.platform.startswith("linux"):
+        return None
+    wanted = "jemalloc" if choice == "auto" else choice
+    lib = _library(wanted)
+    if lib is None and choice != "auto":
+        raise ValueError(
+            f"host_allocator={choice!r}: lib{_LIBRARY[wanted]} is not installed "
+            f"(Debian/Ubuntu: apt-get install {'libjemalloc2' if wanted == 'jemalloc' else 'libtcmalloc-minimal4'}); "
+            "use host_allocator=auto or glibc")
+    return lib
 
 
 def active_allocator() -> str:
@@ -49,27 +69,17 @@ def active_allocator() -> str:
     return "glibc"
 
 
-def select_allocator(choice: str, reexec: bool = True) -> str:
+def select_allocator(choice: str) -> str:
     """Make this process run on the allocator ``choice`` (see the module docstring).
 
     May replace the process image (``os.execv``) to preload the library and so never
     return; call it first thing in an entry point, before threads or process groups
-    exist. ``reexec=False`` only checks the choice. Returns the allocator now active."""
-    if choice not in ALLOCATORS:
-        raise ValueError(f"host_allocator must be one of {ALLOCATORS}, got {choice!r}")
-    if choice == "glibc" or not sys.platform.startswith("linux"):
-        return active_allocator()
+    exist. Returns the allocator now active."""
+    lib = check_allocator(choice)
+    active = active_allocator()
     wanted = "jemalloc" if choice == "auto" else choice
-    lib = _library(wanted)
-    if lib is None:
-        if choice == "auto":
-            return active_allocator()
-        raise ValueError(
-            f"host_allocator={choice!r}: lib{_LIBRARY[wanted]} is not installed "
-            f"(Debian/Ubuntu: apt-get install {'libjemalloc2' if wanted == 'jemalloc' else 'libtcmalloc-minimal4'}); "
-            "use host_allocator=auto or glibc")
-    if active_allocator() == wanted or not reexec or os.environ.get(_REEXEC_MARK):
-        return active_allocator()
+    if lib is None or active == wanted or os.environ.get(_REEXEC_MARK):
+        return active
     preload = os.environ.get("LD_PRELOAD", "")
     env = dict(os.environ, LD_PRELOAD=f"{lib}:{preload}" if preload else lib, **{_REEXEC_MARK: "1"})
     sys.stdout.flush()
@@ -78,4 +88,4 @@ def select_allocator(choice: str, reexec: bool = True) -> str:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-__all__ = ["ALLOCATORS", "active_allocator", "select_allocator"]
+__all__ = ["ALLOCATORS", "active_allocator", "check_allocator", "select_allocator"]
