@@ -16,7 +16,7 @@ Model (every number below is a CLI parameter; defaults describe an H800/H100-cla
   sum_inter bytes / B_ib + n_inter msgs * alpha_ib)`` over send and receive sides. No
   switch congestion, no incast penalty, full bisection bandwidth.
 * Flat exchange: one message from every GPU to every other GPU that has rows for it.
-* Hierarchical exchange (ours, ``distributed/hierarchical.py``): hop 1 over IB sends
+* Hierarchical exchange (ours, ``moe/dispatchers/hierarchical.py``): hop 1 over IB sends
   each token once per destination node (de-duplicated, DeepEP-style) to the GPU with the
   sender's local index there, hop 2 fans the rows out over NVLink; the hops run back to
   back. A token crosses IB once per destination node however many of its k experts live
@@ -144,7 +144,7 @@ def exchange_time(n: int, links: Links, gpu_share: list[float], tokens: int, k: 
             t = max(intra_send / bnv + n_intra * a_nv, inter_send / bib + n_inter * a_ib,
                     intra_recv / bnv + n_intra * a_nv, inter_recv / bib + n_inter * a_ib)
         else:
-            # Ours (distributed/hierarchical.py), DeepEP's order: hop 1 across nodes to the
+            # Ours (moe/dispatchers/hierarchical.py), DeepEP's order: hop 1 across nodes to the
             # GPU with my local index, one row per (token, destination node) when ``dedup``;
             # hop 2 fans rows out inside the node over NVLink.
             inter_send = sum(rows_to[d] for d in range(n) if d // L != node) * row_bytes * inter_factor

@@ -62,7 +62,7 @@ def _modes(overlap_chunks: list[int], hierarchical: bool) -> dict[str, dict]:
         modes[f"overlap{n}"] = {"overlap_chunks": n}
     if hierarchical:
         modes["hierarchical"] = {"a2a_algorithm": "hierarchical"}
-    modes["static_shapes"] = {"static_shapes": True}
+    modes["static_shapes"] = {"static_shapes": True, "nonfinite_policy": "count"}
     return modes
 
 

@@ -10,7 +10,7 @@ Public API::
 
 from .config import MoEConfig
 from .distributed.groups import ParallelGroups
-from .moe.dispatcher import NonFiniteRouterError
+from .moe.dispatchers import NonFiniteRouterError
 from .moe.layer import MoELayer, MoEOutput
 from .moe.stats import MoEStats
 

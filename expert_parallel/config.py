@@ -118,7 +118,8 @@ class MoEConfig:
 
     overlap_chunks: int = 1
     """Split the dispatched tokens into this many chunks and pipeline all-to-all with
-    expert compute (1 = no overlap)."""
+    expert compute (1 = no overlap). Composes with the flat and the hierarchical
+    exchange (there the inter-node hop is what overlaps)."""
 
     a2a_algorithm: str = "flat"
     """``flat``: one all-to-all over the EP group; ``hierarchical``: each token crosses
@@ -129,7 +130,9 @@ class MoEConfig:
     static_shapes: bool = False
     """Fixed-capacity padded dispatch: every (rank, expert) block is padded to the
     capacity, so all shapes are static and the dispatcher never synchronises with the
-    host (CUDA-graph friendly). Needs a capacity_factor; costs padding compute/traffic."""
+    host (CUDA-graph friendly). Needs both capacity factors and
+    ``nonfinite_policy='count'``; cannot be combined with ``overlap_chunks > 1`` or the
+    hierarchical exchange. Costs padding compute/traffic."""
 
     nonfinite_policy: str = "raise"
     """What to do when router logits contain NaN/Inf: ``raise`` a ``FloatingPointError``
@@ -198,12 +201,34 @@ class MoEConfig:
         _check_choice("a2a_algorithm", self.a2a_algorithm, ("flat", "hierarchical"))
         if not isinstance(self.static_shapes, bool):
             raise TypeError(f"static_shapes must be a bool, got {self.static_shapes!r}")
-        if self.static_shapes and (self.capacity_factor is None or self.eval_capacity_factor is None):
+        if self.static_shapes:
+            self._check_static_combinations()
+
+    def _check_static_combinations(self) -> None:
+        """The dispatch options are orthogonal except for the padded static-shape path:
+        every router works with every mode, overlap composes with the flat and the
+        hierarchical exchange (``moe/dispatchers/factory.py``); these are refused."""
+        if self.capacity_factor is None or self.eval_capacity_factor is None:
             raise ValueError(
                 "static_shapes=True needs capacity_factor and eval_capacity_factor, got "
                 f"capacity_factor={self.capacity_factor!r}, "
                 f"eval_capacity_factor={self.eval_capacity_factor!r}"
             )
+        if self.overlap_chunks > 1:
+            raise ValueError(
+                f"static_shapes=True and overlap_chunks={self.overlap_chunks} cannot be combined: "
+                "the padded exchange has fixed [E*C] buffers and no count exchange to cut into "
+                "chunks; use overlap_chunks=1, or static_shapes=False to pipeline")
+        if self.a2a_algorithm != "flat":
+            raise ValueError(
+                f"static_shapes=True and a2a_algorithm={self.a2a_algorithm!r} cannot be combined: "
+                "the hierarchical exchange de-duplicates per node, which needs the per-node "
+                "counts the padded path never exchanges; use a2a_algorithm='flat'")
+        if self.nonfinite_policy == "raise":
+            raise ValueError(
+                "static_shapes=True and nonfinite_policy='raise' cannot be combined: raising "
+                "needs a host read of the NaN flag, the sync static shapes exist to avoid; use "
+                "nonfinite_policy='count' (the launcher checks the reduced stats every step)")
 
     # ------------------------------------------------------------------ helpers
     def capacity(self, num_tokens: int, training: bool) -> Optional[int]:

@@ -43,6 +43,24 @@ def check_ep_size(ep_size: Any, world_size: int) -> None:
         )
 
 
+def node_layout(ep_size: int, ranks_per_node: Any) -> int:
+    """Ranks of one node inside an EP group of ``ep_size``, from the job's
+    ``ranks_per_node`` (0 = no layout). An EP group of consecutive ranks either spans
+    ``ep_size / L`` whole nodes (L divides ep_size) or lies inside one node (ep_size
+    divides L, returns ep_size); anything else straddles nodes unevenly and is refused."""
+    if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or ranks_per_node < 0:
+        raise TypeError(f"ranks_per_node must be an int >= 0, got {ranks_per_node!r}")
+    if not ranks_per_node:
+        return 0
+    if ep_size % ranks_per_node == 0:
+        return ranks_per_node
+    if ranks_per_node % ep_size == 0:
+        return ep_size
+    raise ValueError(
+        f"ranks_per_node={ranks_per_node} and ep_size={ep_size}: one must divide the other "
+        "(an EP group spans whole nodes or lies inside one node)")
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     """The process groups one MoE model uses; ``None`` groups mean a single process."""
@@ -59,7 +77,8 @@ class ParallelGroups:
     edp_ranks: tuple[int, ...]
     dp_group: Optional[Any]
     ranks_per_node: int = 0
-    """Ranks per node inside the EP group for the hierarchical all-to-all (0 = flat)."""
+    """Ranks of one node inside the EP group, for the hierarchical all-to-all (0 = not
+    given). Equal to ``ep_size`` when the whole EP group lives on one node."""
     intra_group: Optional[Any] = None
     """This rank's node-local slice of its EP group (hierarchical all-to-all only)."""
     inter_group: Optional[Any] = None
@@ -79,15 +98,16 @@ class ParallelGroups:
         Every rank must call this with the same ``ep_size`` (the launcher checks that by
         consensus first). With ``ep_size=1`` and no initialised process group, returns
         :meth:`single`. ``timeout`` bounds every collective on the new groups.
-        ``ranks_per_node`` > 0 (dividing ``ep_size``, smaller than it) also builds the
-        node-local and cross-node sub-groups of each EP group used by the hierarchical
-        all-to-all.
+        ``ranks_per_node`` > 0 records the node layout (:func:`node_layout`) and, when an EP
+        group spans several nodes, builds the node-local and cross-node sub-groups of
+        each EP group that the hierarchical all-to-all uses.
         """
         if not dist.is_available() or not dist.is_initialized():
             check_ep_size(ep_size, 1)
             return ParallelGroups.single()
         world, rank = dist.get_world_size(), dist.get_rank()
         check_ep_size(ep_size, world)
+        ranks_per_node = node_layout(ep_size, ranks_per_node)  # pure: before any new_group
         kwargs = {} if timeout is None else {"timeout": timeout}
         # new_group is collective: every rank creates every group, in the same order.
         ep_group = edp_group = None
@@ -102,13 +122,7 @@ class ParallelGroups:
                 edp_group, edp_ranks = group, tuple(ranks)
         dp_group = dist.new_group(ranks=list(range(world)), **kwargs)
         intra_group = inter_group = None
-        if ranks_per_node:
-            if isinstance(ranks_per_node, bool) or not isinstance(ranks_per_node, int) or \
-                    ranks_per_node < 1 or ep_size % ranks_per_node or ranks_per_node >= ep_size:
-                raise ValueError(
-                    f"ranks_per_node={ranks_per_node!r} must divide ep_size={ep_size} and be "
-                    "smaller than it for a hierarchical all-to-all"
-                )
+        if ranks_per_node and ranks_per_node < ep_size:
             for ep_ranks_i in ep_group_ranks(world, ep_size):
                 for start in range(0, ep_size, ranks_per_node):
                     ranks = ep_ranks_i[start : start + ranks_per_node]
@@ -136,6 +150,11 @@ class ParallelGroups:
             intra_group=intra_group,
             inter_group=inter_group,
         )
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes the EP group spans (1 without a node layout)."""
+        return self.ep_size // self.ranks_per_node if self.ranks_per_node else 1
 
     @property
     def distributed(self) -> bool:

@@ -1,10 +1,12 @@
-"""``MoELayer``: route -> dispatch -> experts -> combine.
+"""``MoELayer``: route -> capacity -> run (dispatch -> experts -> combine) -> stats.
 
 Legend: T tokens, D model dim, E experts, K choices.
 
 The layer holds a replicated router and this rank's ``E / ep_size`` experts. Its
-forward reads as the four calls of the data path; every forward also returns the
-aux loss and an :class:`MoEStats` with exact per-expert routed / kept / dropped counts.
+forward reads as the calls of the data path; the dispatcher (``moe/dispatchers/``)
+runs dispatch -> experts -> combine behind one ``run`` call, pipelined or not. Every
+forward also returns the aux loss and an :class:`MoEStats` with exact per-expert
+routed / kept / dropped counts.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..distributed.consensus import check_consensus
 from ..distributed.groups import ParallelGroups
 from ..profiling.timer import NULL_TIMER
 from .capacity import plan_capacity
-from .dispatcher import NonFiniteRouterError, make_dispatcher
+from .dispatchers import NonFiniteRouterError, make_dispatcher
 from .experts import GroupedExperts
 from .router import Router
 from .stats import MoEStats, routing_summary
@@ -119,34 +121,18 @@ class MoELayer(nn.Module):
         # and the output's gradient arriving starts it ("begin", below).
         x_TD = timer.mark(x.reshape(-1, cfg.hidden_size), "router")
         num_tokens = x_TD.shape[0]
-
         with timer.phase("router"):
             routing = self.router(x_TD)
             capacity = cfg.capacity(num_tokens, self.training)
-            plan = plan_capacity(
-                routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
-                capacity, cfg.drop_policy, valid_TK=routing.valid_TK,
-            )
+            plan = plan_capacity(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
+                                 capacity, cfg.drop_policy, valid_TK=routing.valid_TK)
         # Collectives issued inside are labelled with this layer's name (error messages).
         with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:
-                if hasattr(self.dispatcher, "run"):
-                    # Pipelined chunks: dispatch / experts / combine interleaved (overlap.py).
-                    out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
-                else:
-                    x_ND, meta = self.dispatcher.dispatch(x_TD, routing, plan)
-                    # Backward-time marks (identity; only with an enabled timer): see
-                    # profiling/timer.py for how backward time is attributed.
-                    x_ND = timer.mark(x_ND, "experts")
-                    with timer.phase("experts"):
-                        y_ND = self.experts(x_ND, meta.counts_local)
-                    y_ND = timer.mark(y_ND, "combine_a2a")
-                    out_TD = self.dispatcher.combine(y_ND, meta)
+                out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
             except NonFiniteRouterError as err:
                 raise NonFiniteRouterError(
-                    f"{self.name} (forward call {self.forward_calls}): {err}"
-                ) from None
-
+                    f"{self.name} (forward call {self.forward_calls}): {err}") from None
         with timer.phase("stats"):
             stats = self._stats(plan, routing, capacity, num_tokens)
         out_TD = timer.mark(out_TD, "begin")

@@ -70,6 +70,33 @@ def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:
     return inv_N
 
 
+def node_need(
+    topk_idx_TK: torch.Tensor, kept_TK: torch.Tensor, experts_per_node: int, num_nodes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (node, token) pairs have at least one kept row (hierarchical exchange).
+
+    Returns ``need_MT`` (bool, flattened ``[M*T]``, node-major) and ``uniq_M`` (int64,
+    distinct tokens this rank sends to each node). No host sync.
+    """
+    num_tokens = topk_idx_TK.shape[0]
+    node_TK = torch.div(topk_idx_TK, experts_per_node, rounding_mode="floor")
+    # Dropped pairs may name any expert; they add 0 to the count.
+    key_P = (node_TK * num_tokens + torch.arange(num_tokens, device=node_TK.device).unsqueeze(1)).reshape(-1)
+    hits = torch.zeros(num_nodes * num_tokens, dtype=torch.int64, device=node_TK.device)
+    hits.index_add_(0, key_P, kept_TK.reshape(-1).to(torch.int64))
+    need_MT = hits > 0
+    return need_MT, need_MT.view(num_nodes, num_tokens).sum(1)
+
+
+def exclusive_offsets(sizes, device: torch.device) -> torch.Tensor:
+    """``[0, s0, s0+s1, ...]`` (one per size) of host ints, as a device tensor."""
+    starts, total = [], 0
+    for s in sizes:
+        starts.append(total)
+        total += s
+    return torch.tensor(starts, dtype=torch.long, device=device)
+
+
 def combine_rows(
     y_SD: torch.Tensor,
     token_S: torch.Tensor,

@@ -68,7 +68,7 @@ def build_layer(name: str, groups: Optional[ParallelGroups], **overrides: Any) -
     cfg, _, skew = SCENARIOS[name]
     if overrides:
         if overrides.get("static_shapes"):
-            overrides = dict(overrides, eval_capacity_factor=cfg.capacity_factor)
+            overrides = dict(overrides, eval_capacity_factor=cfg.capacity_factor, nonfinite_policy="count")
         cfg = cfg.replace(**overrides)
     layer = MoELayer(cfg, groups, seed=7, name=name)
     if skew is not None:

@@ -17,7 +17,7 @@ MODES = {
     "flat": ({}, {}),
     "overlap": ({"overlap_chunks": 2}, {}),
     "hierarchical": ({"a2a_algorithm": "hierarchical"}, {"ranks_per_node": 2}),
-    "static": ({"static_shapes": True, "eval_capacity_factor": 1.25}, {}),
+    "static": ({"static_shapes": True, "eval_capacity_factor": 1.25, "nonfinite_policy": "count"}, {}),
 }
 
 

@@ -205,7 +205,8 @@ def test_static_shapes_needs_both_capacity_factors(cf: Any, ecf: Any) -> None:
     )
     with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
         make(static_shapes=True, capacity_factor=cf, eval_capacity_factor=ecf)
-    assert make(static_shapes=True, capacity_factor=1.0, eval_capacity_factor=2.0).static_shapes
+    assert make(static_shapes=True, capacity_factor=1.0, eval_capacity_factor=2.0,
+                nonfinite_policy="count").static_shapes
 
 
 def test_config_is_frozen_and_replace_revalidates() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from expert_parallel.distributed.hierarchical import node_need
+from expert_parallel.moe.permute import node_need
 
 
 def test_node_need_marks_each_token_once_per_destination_node() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from expert_parallel.moe.capacity import plan_capacity
-from expert_parallel.moe.dispatcher import LocalDispatcher
+from expert_parallel.moe.dispatchers.local import LocalDispatcher
 from expert_parallel.moe.permute import (
     combine_rows,
     count_ids,

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from expert_parallel import MoEConfig, MoELayer
 from expert_parallel.moe.capacity import plan_capacity
-from expert_parallel.moe.dispatcher import LocalDispatcher
+from expert_parallel.moe.dispatchers.local import LocalDispatcher
 from expert_parallel.moe.router import Routing
 
 SETTINGS = settings(max_examples=60, deadline=None,

@@ -11,8 +11,9 @@ experts; a zero row stays zero through a bias-free MLP, so padding never leaks i
 output. Cost: padding compute and traffic (``E * C`` rows instead of the kept ones), the
 price DeepSpeed/GShard pay always; here it buys CUDA-graph-capturable shapes.
 
-Non-finite router logits cannot be raised on without a host read; in this mode they are
-only counted in the stats (the launcher checks the reduced stats every step).
+Non-finite router logits cannot be raised on without a host read, so ``MoEConfig``
+requires ``nonfinite_policy='count'`` with ``static_shapes`` (the launcher checks the
+reduced stats every step).
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ from typing import Any
 
 import torch
 
-from ..distributed.collectives import all_to_all_rows, comm_scope
-from ..profiling.timer import NULL_TIMER
-from .capacity import CapacityPlan
-from .permute import combine_rows, count_ids
-from .router import Routing
+from ...profiling.timer import NULL_TIMER
+from ..capacity import CapacityPlan, positions_in_expert
+from ..permute import combine_rows
+from ..router import Routing
+from .base import Dispatcher, DispatchMetadata
+from .steps import receive, send
 
 
 @dataclass(frozen=True)
-class PaddedMetadata:
-    num_tokens: int
+class SlotTable:
+    """Where each pair sits in the padded buffer (``DispatchMetadata.route``)."""
+
     token_P: torch.Tensor
     """Source token of every pair (token-major)."""
     dest_P: torch.Tensor
@@ -40,18 +43,18 @@ class PaddedMetadata:
     weight_P: torch.Tensor
     """Combine weight, zero for dropped pairs."""
     capacity: int
-    counts_local: tuple[int, ...]
-    out_dtype: torch.dtype
-    nonfinite_ranks: tuple[int, ...] = ()
 
 
-class PaddedDispatcher:
+class PaddedDispatcher(Dispatcher):
     """Static-shape dispatcher over ``group`` (None = single process)."""
 
     def __init__(self, num_experts: int, group: Any, ep_size: int, timer: Any = NULL_TIMER) -> None:
         self.num_experts, self.group, self.ep_size = num_experts, group, ep_size
         self.num_local = num_experts // ep_size
         self.timer = timer
+
+    def describe(self) -> str:
+        return "padded"
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
         if plan.capacity is None:
@@ -61,38 +64,34 @@ class PaddedDispatcher:
         with self.timer.phase("permute"):
             key_P = torch.where(plan.kept_TK, routing.topk_idx_TK,
                                 torch.full_like(routing.topk_idx_TK, E)).reshape(-1)
-            order_P = torch.sort(key_P, stable=True).indices
-            counts = count_ids(key_P, E + 1)
-            starts = torch.cumsum(counts, 0) - counts
-            slot_sorted = torch.arange(key_P.numel(), device=key_P.device) - starts[key_P[order_P]]
-            slot_P = torch.empty_like(slot_sorted)
-            slot_P[order_P] = slot_sorted
+            slot_P = positions_in_expert(key_P, E)  # token order inside each expert
             kept_P = key_P < E
             dest_P = torch.where(kept_P, key_P * C + slot_P, torch.full_like(key_P, E * C))
             token_P = torch.arange(num_tokens, device=x_TD.device).repeat_interleave(k)
             weight_P = routing.topk_weight_TK.reshape(-1) * kept_P.to(routing.topk_weight_TK.dtype)
             buf = x_TD.new_zeros(E * C + 1, x_TD.shape[-1])
             buf = buf.index_add(0, dest_P, x_TD.index_select(0, token_P))[: E * C]
-        splits = [e * C] * R
-        padded_bytes = buf.numel() * buf.element_size()  # every slot travels, used or not
-        self.timer.add_bytes("dispatch_a2a", padded_bytes, padded_bytes)
-        with self.timer.phase("dispatch_a2a"), comm_scope(phase="dispatch_a2a"):
-            recv = all_to_all_rows(buf, splits, splits, self.group)
+        splits = [e * C] * R  # every slot travels, used or not (the bytes say so)
+        recv = receive(send(buf, splits, splits, self.group, "dispatch_a2a", self.timer), self.timer)
         with self.timer.phase("permute"):
             x_ND = recv.view(R, e, C, -1).transpose(0, 1).reshape(e * R * C, -1)
-        meta = PaddedMetadata(num_tokens, token_P, dest_P, weight_P, C, (R * C,) * e, x_TD.dtype)
+        meta = DispatchMetadata(
+            num_tokens=num_tokens, token_S=token_P, weight_S=weight_P, input_splits=tuple(splits),
+            output_splits=tuple(splits), counts_local=(R * C,) * e, unregroup_N=None,
+            nonfinite_ranks=(), out_dtype=x_TD.dtype,
+            route=SlotTable(token_P, dest_P, weight_P, C))
         return x_ND, meta
 
-    def combine(self, y_ND: torch.Tensor, meta: PaddedMetadata) -> torch.Tensor:
-        R, e, C = self.ep_size, self.num_local, meta.capacity
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+        R, e, C = self.ep_size, self.num_local, meta.route.capacity
         with self.timer.phase("unpermute"):
             y = y_ND.view(e, R, C, -1).transpose(0, 1).reshape(R * e * C, -1)
         splits = [e * C] * R
-        padded_bytes = y.numel() * y.element_size()
-        self.timer.add_bytes("combine_a2a", padded_bytes, padded_bytes)
-        with self.timer.phase("combine_a2a"), comm_scope(phase="combine_a2a"):
-            back = all_to_all_rows(y, splits, splits, self.group)
+        back = receive(send(y, splits, splits, self.group, "combine_a2a", self.timer), self.timer)
         with self.timer.phase("unpermute"):
             back = torch.cat([back, back.new_zeros(1, back.shape[-1])])
-            y_PD = back.index_select(0, meta.dest_P)
-            return combine_rows(y_PD, meta.token_P, meta.weight_P, meta.num_tokens, meta.out_dtype)
+            y_PD = back.index_select(0, meta.route.dest_P)
+            return combine_rows(y_PD, meta.token_S, meta.weight_S, meta.num_tokens, meta.out_dtype)
+
+
+__all__ = ["PaddedDispatcher", "SlotTable"]
