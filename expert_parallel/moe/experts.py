@@ -133,6 +133,10 @@ class GroupedExperts(nn.Module):
     def _forward_grouped(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         offs = torch.cumsum(torch.tensor(list(counts), device=x_ND.device), 0).to(torch.int32)
         mm = torch._grouped_mm  # type: ignore[attr-defined]
-        h = mm(x_ND, self.w1_eDF, offs=offs)
-        g = mm(x_ND, self.w3_eDF, offs=offs) if self.w3_eDF is not None else None
-        return mm(_activation(self.config.activation, h, g), self.w2_eFD, offs=offs)
+        # _grouped_mm is not on autocast's list: it needs both operands in one dtype, so
+        # under bf16 autocast the (fp32 master) weights are cast here, as autocast would.
+        w1, w2 = self.w1_eDF.to(x_ND.dtype), self.w2_eFD.to(x_ND.dtype)
+        w3 = self.w3_eDF.to(x_ND.dtype) if self.w3_eDF is not None else None
+        h = mm(x_ND, w1, offs=offs)
+        g = mm(x_ND, w3, offs=offs) if w3 is not None else None
+        return mm(_activation(self.config.activation, h, g), w2, offs=offs)

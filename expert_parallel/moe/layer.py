@@ -126,10 +126,15 @@ class MoELayer(nn.Module):
             capacity = cfg.capacity(num_tokens, self.training)
             plan = plan_capacity(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
                                  capacity, cfg.drop_policy, valid_TK=routing.valid_TK)
+        # Under autocast the experts compute in the autocast dtype anyway: cast the rows
+        # before the exchange, so the all-to-all moves bf16 (half the bytes), not fp32.
+        rows_TD = x_TD
+        if torch.is_autocast_enabled(x_TD.device.type) and x_TD.is_floating_point():
+            rows_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         # Collectives issued inside are labelled with this layer's name (error messages).
         with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:
-                out_TD = self.dispatcher.run(x_TD, routing, plan, self.experts)
+                out_TD = self.dispatcher.run(rows_TD, routing, plan, self.experts).to(x.dtype)
             except NonFiniteRouterError as err:
                 raise NonFiniteRouterError(
                     f"{self.name} (forward call {self.forward_calls}): {err}") from None
