@@ -15,7 +15,12 @@
 #     (`ip netns exec` remounts /sys, and slurmd's cgroup check then fails).
 #   * SlurmdParameters=config_overrides, so each node may claim --cpus CPUs even though
 #     both share this machine's cores, and --gpus placeholder GPUs (GRES whose "device files"
-#     are empty files) so scripts that request GPUs run unchanged; the ranks compute on CPU.
+#     are empty files) so scripts that request GPUs run; the ranks compute on CPU.
+#   * EnforcePartLimits=ALL: a job asking for more than a node has is refused by sbatch.
+#     launch/slurm/*.sbatch ask for 8 GPUs and 32 CPUs per node, as on a real cluster;
+#     here shrink them on the command line, which wins over #SBATCH lines:
+#       scripts/cluster/run.sh sbatch --gpus-per-node=2 --cpus-per-task=4 --time=10 \
+#         launch/slurm/train.sbatch --ep-size 4
 #
 # Jobs started by a slurmd inherit its namespaces, so ranks on "n1" and "n2" really talk
 # over the veth link by host name. Use scripts/cluster/run.sh to run sbatch/squeue/...
@@ -34,7 +39,7 @@ while [ $# -gt 0 ]; do
     --gpus) GPUS=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
     --prefix) PREFIX=$2; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "start.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -137,6 +142,10 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
+# A job asking for more than a node has (the sbatch scripts' 8 GPUs / 32 CPUs per node, as
+# written for a real cluster) is refused by sbatch with the reason, instead of being
+# accepted and left pending forever (reason PartitionConfig).
+EnforcePartLimits=ALL
 ReturnToService=2
 JobRequeue=1
 # Short grace between SIGTERM and SIGKILL on scancel / time limit.
@@ -175,6 +184,8 @@ for _ in $(seq 1 60); do
   if out=$("$HERE/run.sh" --dir "$DIR" sinfo -h -N -o '%N %t' 2>/dev/null) \
       && [ "$(echo "$out" | grep -c -E 'idle$')" -eq 2 ]; then
     echo "cluster up: $(echo "$out" | tr '\n' ' ')(dir $DIR, rate ${RATE:-unlimited})"
+    echo "nodes have $CPUS CPUs and $GPUS GPUs each; the sbatch scripts ask for more, so submit with e.g."
+    echo "  mkdir -p logs && scripts/cluster/run.sh sbatch --gpus-per-node=$GPUS --cpus-per-task=$CPUS --time=10 launch/slurm/train.sbatch --ep-size 4"
     exit 0
   fi
   sleep 0.5
