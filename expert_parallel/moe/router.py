@@ -57,7 +57,6 @@ The returned ``aux_loss = aux_loss_coeff * lb_loss + z_loss_coeff * z_loss``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -145,13 +144,14 @@ def noisy_load(
     """Shazeer et al.'s smooth load estimator: ``sum_t P(expert e in token t's top k)``
     under a fresh draw of e's noise, the other logits held fixed."""
     num_tokens, num_experts = noisy_TE.shape
+    if k >= num_experts:
+        # Every expert is in every token's top k whatever the noise: the load is T for
+        # each, with no gradient (the smooth estimate would divide inf by the noise).
+        return clean_TE.new_full((num_experts,), float(num_tokens))
     top_TJ = torch.topk(noisy_TE, min(k + 1, num_experts), dim=-1).values
     # If e is in the top k now, it stays there while it beats the (k+1)-th value;
     # otherwise it must beat the k-th.
-    if k < num_experts:
-        threshold_in_T1 = top_TJ[:, k : k + 1]
-    else:
-        threshold_in_T1 = torch.full_like(top_TJ[:, :1], -math.inf)
+    threshold_in_T1 = top_TJ[:, k : k + 1]
     threshold_out_T1 = top_TJ[:, k - 1 : k]
     is_in_TE = noisy_TE > threshold_in_T1
     normal = torch.distributions.Normal(0.0, 1.0)

@@ -1,10 +1,12 @@
 """Property-based golden check: EP=2 and EP=4 equal the EP=1 reference on random cases.
 
-Hypothesis draws the model dims, the number of experts, top-k, the router, the capacity
-factor (or dropless), the drop policy, the tokens on every rank (often 0: empty ranks)
-and a routing skew (everything to one expert, no token for one rank's experts, every
-token to one rank's experts); at EP=4 also the all-to-all algorithm (flat, or the
-hierarchical exchange over two emulated nodes of 2 ranks). The EP ranks are real gloo processes, started once per EP
+Hypothesis draws over the whole dispatcher matrix: the model dims, the number of
+experts, top-k, every router (with its own parameters: top-p mass, a selection bias,
+a noise map), the expert backend, the dispatch mode (flat, overlap with 2-4 chunks,
+static shapes; at EP=4 also the hierarchical exchange over two emulated 2-rank nodes,
+alone and pipelined), the capacity factor (or dropless), the drop policy, the tokens on
+every rank (often 0: empty ranks) and a routing skew (everything to one expert, no token
+for one rank's experts, every token to one rank's experts). The EP ranks are real gloo processes, started once per EP
 size and fed one example at a time through queues (spawning per example would cost
 seconds); the parent runs the EP=1 reference on each rank's batch. Outputs, aux loss,
 stats, input and router gradients must match per rank, and each expert's gradient the
@@ -42,14 +44,25 @@ EXAMPLE_TIMEOUT_S = 120.0
 
 
 # ----------------------------------------------------------------------------- examples
+ROUTERS = ["softmax_topk", "switch", "sigmoid_topk", "noisy_topk", "top_p", "expert_choice"]
+MODES = {2: ["flat", "overlap", "static"], 4: ["flat", "overlap", "static", "hierarchical",
+                                                  "hierarchical_overlap"]}
+
+
 @st.composite
 def examples(draw: Any, ep: int) -> dict:
     per_rank = draw(st.integers(1, 3))
     num_experts = ep * per_rank
-    router = draw(st.sampled_from(["softmax_topk", "sigmoid_topk", "switch"]))
+    router = draw(st.sampled_from(ROUTERS))
+    mode = draw(st.sampled_from(MODES[ep]))
     top_k = 1 if router == "switch" else draw(st.integers(1, min(num_experts, 4)))
     capacity = draw(st.one_of(st.none(), st.floats(0.25, 3.0, allow_nan=False)))
+    if capacity is None and (mode == "static" or router == "expert_choice"):
+        capacity = draw(st.floats(0.25, 3.0, allow_nan=False))  # these need a capacity
     skew = draw(st.sampled_from([None, None, "one", "avoid_rank", "only_rank"]))
+    tokens = draw(st.lists(st.one_of(st.just(0), st.integers(1, 24)), min_size=ep, max_size=ep))
+    if mode == "static":
+        tokens = [tokens[0]] * ep  # a static exchange needs the same capacity everywhere
     return {
         "ep": ep,
         "hidden": draw(st.sampled_from([4, 8, 12])),
@@ -57,25 +70,53 @@ def examples(draw: Any, ep: int) -> dict:
         "num_experts": num_experts,
         "top_k": top_k,
         "router": router,
+        "top_p": draw(st.floats(0.2, 1.0)) if router == "top_p" else None,
+        "backend": draw(st.sampled_from(["loop", "bmm", "grouped_mm"])),
+        "mode": mode,
+        "chunks": draw(st.integers(2, 4)),
         "capacity_factor": capacity,
         "min_capacity": draw(st.integers(0, 4)),
         "drop_policy": draw(st.sampled_from(["position", "probs"])),
-        "tokens": draw(st.lists(st.one_of(st.just(0), st.integers(1, 24)), min_size=ep, max_size=ep)),
+        "tokens": tokens,
         "skew": skew,
         "skew_target": draw(st.integers(0, num_experts - 1 if skew == "one" else ep - 1)),
         "seed": draw(st.integers(0, 2**16)),
-        # EP=4 also runs the two-level exchange over two emulated 2-rank nodes.
-        "ranks_per_node": draw(st.sampled_from([0, 2])) if ep == 4 else 0,
+        # The hierarchical modes run over two emulated nodes of 2 ranks (EP=4 only).
+        "ranks_per_node": 2 if mode.startswith("hierarchical") else 0,
     }
 
 
-def build_layer(ex: dict, groups: Optional[ParallelGroups]) -> MoELayer:
+def mode_overrides(ex: dict) -> dict:
+    mode = ex.get("mode", "flat")
+    out: dict[str, Any] = {}
+    if mode.startswith("hierarchical"):
+        out["a2a_algorithm"] = "hierarchical"
+    if mode.endswith("overlap"):
+        out["overlap_chunks"] = ex.get("chunks", 2)
+    if mode == "static":
+        out.update(static_shapes=True, nonfinite_policy="count")
+    return out
+
+
+def build_layer(ex: dict, groups: Optional[ParallelGroups], reference: bool = False) -> MoELayer:
+    modes = mode_overrides(ex)
+    if reference:  # EP=1 reference: no exchange to shape (static keeps its padded path)
+        modes = {k: v for k, v in modes.items() if k in ("static_shapes", "nonfinite_policy")}
+    cap = ex["capacity_factor"]
     cfg = MoEConfig(hidden_size=ex["hidden"], ffn_hidden_size=ex["ffn"], num_experts=ex["num_experts"],
-                    top_k=ex["top_k"], router=ex["router"], capacity_factor=ex["capacity_factor"],
+                    top_k=ex["top_k"], router=ex["router"], capacity_factor=cap,
+                    eval_capacity_factor=cap if modes.get("static_shapes") or ex["router"] == "expert_choice"
+                    else None, top_p=ex.get("top_p"), expert_backend=ex.get("backend", "auto"),
                     min_capacity=ex["min_capacity"], drop_policy=ex["drop_policy"],
                     aux_loss_coeff=0.01, z_loss_coeff=0.001,
-                    a2a_algorithm="hierarchical" if ex.get("ranks_per_node") else "flat")
+                    bias_update_rate=0.01 if ex["router"] == "sigmoid_topk" else 0.0, **modes)
     layer = MoELayer(cfg, groups, seed=ex["seed"], name="property")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(ex["seed"])
+        if ex["router"] == "sigmoid_topk":
+            layer.router.expert_bias.copy_(torch.randn(ex["num_experts"], generator=gen) * 0.3)
+        if layer.router.noise_weight is not None:
+            layer.router.noise_weight.copy_(torch.randn(layer.router.noise_weight.shape, generator=gen))
     if ex["skew"] is not None:
         with torch.no_grad():
             w = layer.router.weight
@@ -118,6 +159,7 @@ def _pool_worker(rank: int, world: int, store: str, tasks: Any, results: Any) ->
         try:
             layer = build_layer(ex, layouts[ex.get("ranks_per_node", 0)])
             x, cot = batch(ex, rank)
+            torch.manual_seed(ex["seed"] + rank)  # noisy_topk: the same draws as the reference
             payload = {"ok": True, "result": run_step(layer, x, cot)}
         except Exception:  # noqa: BLE001 - reported to the parent
             payload = {"ok": False, "error": traceback.format_exc()}
@@ -208,14 +250,18 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def check_example(ex: dict, results: list[dict]) -> None:
     refs = []
     for rank in range(ex["ep"]):
-        layer = build_layer(ex, None)
-        refs.append(run_step(layer, *batch(ex, rank)))
+        layer = build_layer(ex, None, reference=True)
+        x, cot = batch(ex, rank)
+        torch.manual_seed(ex["seed"] + rank)
+        refs.append(run_step(layer, x, cot))
     for rank, (got, ref) in enumerate(zip(results, refs)):
         tag = f"rank {rank}"
         _close(got["output"], ref["output"], f"{tag} output")
         _close(got["aux_loss"], ref["aux_loss"], f"{tag} aux_loss")
         _close(got["x_grad"], ref["x_grad"], f"{tag} input grad")
-        _close(got["grads"]["router.weight"], ref["grads"]["router.weight"], f"{tag} router grad")
+        for pname in ("router.weight", "router.noise_weight"):
+            if pname in ref["grads"]:
+                _close(got["grads"][pname], ref["grads"][pname], f"{tag} grad {pname}")
         for field in ("routed_E", "kept_E", "dropped_E", "capacity_E", "num_tokens",
                       "tokens_all_dropped", "nonfinite"):
             assert torch.equal(getattr(got["stats"], field), getattr(ref["stats"], field)), \

@@ -74,7 +74,7 @@ class PaddedDispatcher(Dispatcher):
         splits = [e * C] * R  # every slot travels, used or not (the bytes say so)
         recv = receive(send(buf, splits, splits, self.group, "dispatch_a2a", self.timer), self.timer)
         with self.timer.phase("permute"):
-            x_ND = recv.view(R, e, C, -1).transpose(0, 1).reshape(e * R * C, -1)
+            x_ND = recv.view(R, e, C, x_TD.shape[-1]).transpose(0, 1).reshape(e * R * C, x_TD.shape[-1])
         meta = DispatchMetadata(
             num_tokens=num_tokens, token_S=token_P, weight_S=weight_P, input_splits=tuple(splits),
             output_splits=tuple(splits), counts_local=(R * C,) * e, unregroup_N=None,
@@ -85,7 +85,7 @@ class PaddedDispatcher(Dispatcher):
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
         R, e, C = self.ep_size, self.num_local, meta.route.capacity
         with self.timer.phase("unpermute"):
-            y = y_ND.view(e, R, C, -1).transpose(0, 1).reshape(R * e * C, -1)
+            y = y_ND.view(e, R, C, y_ND.shape[-1]).transpose(0, 1).reshape(R * e * C, y_ND.shape[-1])
         splits = [e * C] * R
         back = receive(send(y, splits, splits, self.group, "combine_a2a", self.timer), self.timer)
         with self.timer.phase("unpermute"):
