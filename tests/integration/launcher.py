@@ -75,4 +75,4 @@ def final_checkpoint_tensors(out: Path) -> dict[str, torch.Tensor]:
     latest = (root / "latest").read_text().strip()
     target = out / "final_flat.pt"
     dcp_to_torch_save(str(root / latest), str(target))
-    return torch.load(target, weights_only=False)
+    return torch.load(target, weights_only=True)  # plain tensors: no code runs on load
