@@ -48,10 +48,11 @@ class ModelConfig:
     """Recompute each block in backward to save activation memory."""
     moe: MoEConfig = field(
         default_factory=lambda: MoEConfig(
-            hidden_size=128, ffn_hidden_size=256, num_experts=8, top_k=2, capacity_factor=1.25
+            hidden_size=128, ffn_hidden_size=256, num_experts=8, top_k=2, capacity_factor=1.25,
+            eval_capacity_factor=2.0, z_loss_coeff=0.001,
         )
     )
-    """Configuration shared by every MoE layer."""
+    """Configuration shared by every MoE layer (``hidden_size`` must equal ``d_model``)."""
 
     def __post_init__(self) -> None:
         for name, minimum in (("vocab_size", 2), ("seq_len", 1), ("d_model", 1), ("n_layers", 1),
@@ -175,8 +176,3 @@ class MoETransformer(nn.Module):
         logits = self.head(self.ln_f(x_BSD))
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
 
-    def expert_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if ".experts." in n]
-
-    def dense_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in self.named_parameters() if ".experts." not in n]

@@ -12,23 +12,26 @@ returns the smallest candidate whose drop fraction is at most the target.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..config import MoEConfig, _check_float
+from ..config import MoEConfig, _check_float, _check_int
 from .stats import MoEStats
 
 
 @dataclass(frozen=True)
 class CapacityTunerConfig:
-    """Settings of the capacity auto-tuner."""
+    """Settings of the capacity auto-tuner (off while ``target_drop`` is None)."""
 
-    target_drop: float = 0.01
-    """Largest acceptable fraction of dropped (token, expert) pairs."""
+    target_drop: Optional[float] = None
+    """Largest acceptable fraction of dropped (token, expert) pairs; none = no tuning
+    (the capacity factor stays fixed)."""
+    tune_every: int = 50
+    """Steps between updates: the tuner observes this many steps, then every rank sets
+    the smallest candidate factor meeting the target."""
     min_factor: float = 1.0
     """Smallest capacity factor considered."""
     max_factor: float = 4.0
@@ -37,9 +40,11 @@ class CapacityTunerConfig:
     """Spacing of the candidate grid."""
 
     def __post_init__(self) -> None:
-        _check_float("target_drop", self.target_drop, 0.0, strict=False)
-        if self.target_drop >= 1:
-            raise ValueError(f"target_drop must be < 1, got {self.target_drop!r}")
+        if self.target_drop is not None:
+            _check_float("target_drop", self.target_drop, 0.0, strict=False)
+            if self.target_drop >= 1:
+                raise ValueError(f"target_drop must be < 1, got {self.target_drop!r}")
+        _check_int("tune_every", self.tune_every, 1)
         _check_float("min_factor", self.min_factor, 0.0, strict=True)
         _check_float("step", self.step, 0.0, strict=True)
         _check_float("max_factor", self.max_factor, self.min_factor, strict=False)
@@ -48,7 +53,9 @@ class CapacityTunerConfig:
 class CapacityTuner:
     """Observes per-rank stats of one layer; proposes a capacity factor."""
 
-    def __init__(self, moe: MoEConfig, config: CapacityTunerConfig = CapacityTunerConfig()) -> None:
+    def __init__(self, moe: MoEConfig, config: CapacityTunerConfig) -> None:
+        if config.target_drop is None:
+            raise ValueError("CapacityTuner needs CapacityTunerConfig.target_drop, got None")
         self.moe, self.config = moe, config
         n = int(round((config.max_factor - config.min_factor) / config.step)) + 1
         self.candidates = [round(config.min_factor + i * config.step, 6) for i in range(n)]
@@ -90,7 +97,3 @@ class CapacityTuner:
                 return factor
         return curve[-1][0]
 
-
-def expected_capacity(moe: MoEConfig, num_tokens: int, factor: float) -> int:
-    """The capacity ``factor`` gives for ``num_tokens`` local tokens."""
-    return max(moe.min_capacity, math.ceil(factor * num_tokens * moe.top_k / moe.num_experts))

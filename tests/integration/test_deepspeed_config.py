@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from expert_parallel.training.config import TrainConfig
-from expert_parallel.training.deepspeed_engine import (check_group_ranks, expert_group_name,
-                                                       load_ds_config)
+from expert_parallel.training.deepspeed_config import load_ds_config
+from expert_parallel.training.deepspeed_setup import check_group_ranks, expert_group_name
+from expert_parallel.training.options import config_from
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = TrainConfig(global_batch_size=8, grad_clip=0.5)
@@ -77,9 +78,9 @@ def test_batch_must_divide_by_world(tmp_path) -> None:
         load_ds_config(write(tmp_path, {"zero_optimization": {"stage": 1}}), CFG, world_size=3)
 
 
-def test_skip_policy_is_refused(tmp_path) -> None:
-    cfg = TrainConfig(global_batch_size=8, nonfinite_policy="skip")
-    with pytest.raises(ValueError, match="nonfinite_policy='skip' is not supported with --deepspeed"):
+def test_count_policy_is_refused(tmp_path) -> None:
+    cfg = config_from(global_batch_size=8, nonfinite_policy="count")
+    with pytest.raises(ValueError, match="nonfinite_policy='count' is not supported with --deepspeed"):
         load_ds_config(write(tmp_path, {"zero_optimization": {"stage": 1}}), cfg, world_size=4)
 
 

@@ -18,7 +18,8 @@ import torch
 
 from expert_parallel import MoEConfig, MoELayer, NonFiniteRouterError, ParallelGroups
 from expert_parallel.distributed.groups import check_ep_size
-from expert_parallel.training.config import TrainConfig, parse_args
+from expert_parallel.training.config import TrainConfig
+from expert_parallel.training.options import config_from, parse_args
 from expert_parallel.training.data import BatchSampler, load_data
 
 D, F = 8, 12
@@ -110,7 +111,7 @@ def test_ep_size_zero_and_wrong_type() -> None:
 
 def test_ep_size_not_dividing_experts() -> None:
     with raises(ValueError, "ep_size=4 must divide num_experts=6"):
-        TrainConfig(num_experts=6, ep_size=4)
+        config_from(num_experts=6, ep_size=4)
 
 
 # --------------------------------------------------------------------- layer input
@@ -227,14 +228,19 @@ def test_global_batch_not_divisible_by_world() -> None:
 
 
 # --------------------------------------------------------------------- launcher options
-def test_unknown_launcher_option() -> None:
-    with raises(ValueError, "unknown option --capcity-factor"):
+def test_unknown_launcher_option(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
         parse_args(["--capcity-factor", "1.0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("train.py: error: unknown option --capcity-factor; "
+                                       "did you mean --capacity-factor?\n")
 
 
-def test_unparsable_launcher_value() -> None:
-    with raises(ValueError, "--lr: cannot parse 'fast' as <class 'float'>"):
+def test_unparsable_launcher_value(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
         parse_args(["--lr", "fast"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "train.py: error: argument --lr: cannot parse 'fast' as float\n"
 
 
 def test_config_file_not_json(tmp_path: Path) -> None:
@@ -250,8 +256,9 @@ def test_collective_timeout_not_positive() -> None:
 
 
 def test_unknown_trainer_nonfinite_policy() -> None:
-    with raises(ValueError, "nonfinite_policy must be 'raise' or 'skip', got 'count'"):
-        TrainConfig(nonfinite_policy="count")
+    # One name per thing: the launcher takes MoEConfig's raise | count ('skip' is gone).
+    with raises(ValueError, "nonfinite_policy must be one of ['raise', 'count'], got 'skip'"):
+        config_from(nonfinite_policy="skip")
 
 
 # --------------------------------------------------------------------- trainer policy
@@ -260,7 +267,7 @@ def _trainer(tmp_path: Path, policy: str):
 
     text = tmp_path / "corpus.txt"
     text.write_bytes(bytes(range(32, 127)) * 40)
-    cfg_ = TrainConfig(d_model=16, n_layers=2, n_heads=2, seq_len=16, num_experts=4,
+    cfg_ = config_from(d_model=16, n_layers=2, n_heads=2, seq_len=16, num_experts=4,
                        expert_ffn_hidden=16, dense_ffn_hidden=32, global_batch_size=2,
                        tensorboard=False, out=str(tmp_path / "run"), data=str(text),
                        nonfinite_policy=policy)
@@ -274,12 +281,12 @@ def test_trainer_raises_on_nonfinite_naming_step_and_layer(tmp_path: Path) -> No
     trainer = _trainer(tmp_path, "raise")
     trainer.step = 7
     with raises(NonFiniteRouterError, "step 7: layers.1.ffn (forward call 1): router logits are "
-                                      "NaN/Inf on EP rank(s) [0]; set nonfinite_policy=skip"):
+                                      "NaN/Inf on EP rank(s) [0]; set nonfinite_policy=count"):
         trainer.train_step()
 
 
 def test_trainer_skips_nonfinite_step_without_updating(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, "skip")
+    trainer = _trainer(tmp_path, "count")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.train_step()
     assert result.skipped
