@@ -34,20 +34,18 @@ from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.elastic.multiprocessing.errors import record
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
-
-from expert_parallel.config import _check_float, _check_int  # noqa: E402
-from expert_parallel.distributed.device import local_device  # noqa: E402
-from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
-from expert_parallel.distributed.launch_env import init_distributed, shutdown  # noqa: E402
-from expert_parallel.moe.metrics import CollapseConfig, CollapseTracker  # noqa: E402
-from expert_parallel.training.data import BatchSampler, load_builtin_corpus  # noqa: E402
-from expert_parallel.training.parallel import clip_grad_norm, sync_gradients  # noqa: E402
+from expert_parallel.config import _check_float, _check_int
+from expert_parallel.distributed.device import local_device
+from expert_parallel.distributed.groups import ParallelGroups
+from expert_parallel.distributed.launch_env import init_distributed, shutdown
+from expert_parallel.moe.metrics import CollapseConfig, CollapseTracker
+from expert_parallel.training.data import BatchSampler, load_builtin_corpus
+from expert_parallel.training.parallel import clip_grad_norm, sync_gradients
 
 
 @dataclass(frozen=True)

@@ -110,21 +110,3 @@ class CollapseTracker:
         return {f"collapse/{layer}/{key}": float(m[key])
                 for layer, m in self.summary().items() for key in METRIC_NAMES}
 
-
-def plot_collapse(records: list[dict], ax_entropy: Any, ax_dead: Any) -> None:
-    """Draw normalised routing entropy and dead experts per layer over steps on two
-    matplotlib axes, from ``metrics.jsonl`` records carrying ``record["collapse"]``
-    (as written when the launcher logs :meth:`CollapseTracker.summary`)."""
-    rows = [r for r in records if "collapse" in r]
-    if not rows:
-        return
-    steps = [r["step"] for r in rows]
-    for layer in rows[-1]["collapse"]:
-        ent = [r["collapse"].get(layer, {}).get("routing_entropy_norm", float("nan")) for r in rows]
-        dead = [r["collapse"].get(layer, {}).get("dead_experts", float("nan")) for r in rows]
-        ax_entropy.plot(steps, ent, label=layer)
-        ax_dead.plot(steps, dead, label=layer)
-    ax_entropy.set(title="routing entropy / ln E", xlabel="step", ylim=(0, 1.05))
-    ax_dead.set(title="dead experts (window)", xlabel="step", ylabel="experts")
-    ax_entropy.legend(fontsize=7)
-    ax_dead.legend(fontsize=7)

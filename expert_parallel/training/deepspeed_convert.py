@@ -36,25 +36,27 @@ from typing import Sequence
 
 import torch
 
-from ..checkpoint import manager as ckpt
-from ..checkpoint.state import ensure_adam_state, model_state, optimizer_state
+from ..checkpoint.state import ensure_adam_state
 from ..distributed.device import local_device
 from ..distributed.groups import ParallelGroups
-from ..distributed.launch_env import init_distributed, shutdown
-from .config import TrainConfig, parse_args
-from .deepspeed_engine import DeepSpeedTrainer
-from .trainer import Trainer, build_optimizer, default_timeout
+from ..distributed.launch_env import discover_rank_info, init_distributed, shutdown
+from .deepspeed_engine import DeepSpeedEngine
+from .engine import PlainEngine, build_optimizer
+from .launcher import fail, prepare
+from .run_dir import AGREED_ERRORS
+from .trainer import Trainer, default_timeout
 
 DIRECTIONS = ("to-dcp", "from-dcp")
+PROG = "deepspeed_convert"
 
 
-def _zero_base_states(trainer: DeepSpeedTrainer) -> list[dict]:
+def _zero_base_states(engine: DeepSpeedEngine) -> list[dict]:
     """The per-partition AdamW state dicts inside DeepSpeed's ZeRO optimizer."""
-    base = trainer.engine.optimizer.optimizer
+    base = engine.engine.optimizer.optimizer
     return [base.state[p] for group in base.param_groups for p in group["params"] if p in base.state]
 
 
-def _link_zero_adam_state(trainer: DeepSpeedTrainer) -> None:
+def _link_zero_adam_state(engine: DeepSpeedEngine) -> None:
     """Make sure the ZeRO partitions have AdamW state and that each parameter's fragment
     points into it, so ``safe_get/set_full_optimizer_state`` work.
 
@@ -62,7 +64,7 @@ def _link_zero_adam_state(trainer: DeepSpeedTrainer) -> None:
     there (``_lazy_init_hp_params_optimizer_state``, a private method of its ZeRO-1/2
     optimizer); a freshly built or freshly loaded engine has neither yet.
     """
-    zero = trainer.engine.optimizer
+    zero = engine.engine.optimizer
     base = zero.optimizer
     for group in base.param_groups:
         for flat in group["params"]:
@@ -74,12 +76,14 @@ def _link_zero_adam_state(trainer: DeepSpeedTrainer) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
-def export_dcp(trainer: DeepSpeedTrainer, dst_root: str) -> str:
-    """Collective: write the engine's full fp32 weights and AdamW state as a DCP checkpoint."""
+def export_dcp(trainer: Trainer, dst_root: str) -> str:
+    """Collective: write the DeepSpeed engine's full fp32 weights and AdamW state as a DCP
+    checkpoint (the plain engine's writer, the loop's side state)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    _link_zero_adam_state(trainer)
-    states = _zero_base_states(trainer)
+    ds = trainer.engine
+    _link_zero_adam_state(ds)
+    states = _zero_base_states(ds)
     step_t = states[0]["step"] if states else torch.zeros(())
     plain = build_optimizer(trainer.model, trainer.cfg)
     with torch.no_grad():
@@ -93,36 +97,35 @@ def export_dcp(trainer: DeepSpeedTrainer, dst_root: str) -> str:
                 "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").to(p.dtype).clone(),
                 "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").to(p.dtype).clone(),
             }
-    # The plain writer, with the plain path's metadata (Trainer.save reads self.optimizer).
-    trainer.optimizer, trainer.ckpt_root = plain, dst_root
-    return Trainer.save(trainer)
+    engine = PlainEngine(trainer.cfg, trainer.model, trainer.groups, trainer.device, optimizer=plain)
+    return trainer.save(engine=engine, root=dst_root)
 
 
-def import_dcp(trainer: DeepSpeedTrainer, path: str) -> int:
-    """Collective: load DCP checkpoint ``path`` into the engine's ZeRO shards. Returns its step."""
+def import_dcp(trainer: Trainer, src_root: str) -> int:
+    """Collective: load the latest DCP checkpoint under ``src_root`` into the DeepSpeed
+    engine's ZeRO shards (any EP size: DCP reshards the experts by key). Returns its step."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     plain = build_optimizer(trainer.model, trainer.cfg)
     ensure_adam_state(plain)
-    state = {**model_state(trainer.model), **optimizer_state(trainer.model, plain)}
-    ckpt.load_checkpoint(path, state, trainer.groups.dp_group)  # reshards experts by key
-    step = int(ckpt.read_manifest(path)["step"])
+    engine = PlainEngine(trainer.cfg, trainer.model, trainer.groups, trainer.device, optimizer=plain)
+    if trainer.resume(engine=engine, root=src_root, check_step=False) is None:
+        raise ValueError(f"--src: no complete DCP checkpoint under {src_root}")
     steps = {float(plain.state[p]["step"]) for p in trainer.model.parameters()}
-    _link_zero_adam_state(trainer)
+    _link_zero_adam_state(trainer.engine)
     for name, p in trainer.model.named_parameters():
         safe_set_full_fp32_param(p, p.detach().float())
         for key in ("exp_avg", "exp_avg_sq"):
             safe_set_full_optimizer_state(p, plain.state[p][key].float(), key)
-    for st in _zero_base_states(trainer):
-        st["step"] = torch.full_like(torch.as_tensor(st["step"]), max(steps) if steps else step)
-    trainer.step = step
-    return step
+    for st in _zero_base_states(trainer.engine):
+        st["step"] = torch.full_like(torch.as_tensor(st["step"]), max(steps) if steps else trainer.step)
+    return trainer.step
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in DIRECTIONS:
-        raise ValueError(f"first argument must be one of {DIRECTIONS}, got {args[:1]!r}")
+        return fail(0, ValueError(f"first argument must be one of {DIRECTIONS}, got {args[:1]!r}"), PROG)
     direction, rest = args[0], args[1:]
     paths: dict[str, str] = {}
     keep: list[str] = []
@@ -130,37 +133,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     while i < len(rest):
         if rest[i] in ("--src", "--dst"):
             if i + 1 >= len(rest):
-                raise ValueError(f"{rest[i]} needs a directory")
+                return fail(0, ValueError(f"{rest[i]} needs a directory"), PROG)
             paths[rest[i][2:]], i = rest[i + 1], i + 2
         else:
             keep.append(rest[i])
             i += 1
-    for key in ("src", "dst"):
-        if key not in paths:
-            raise ValueError(f"--{key} DIR is required")
-    if os.path.abspath(paths["src"]) == os.path.abspath(paths["dst"]):
-        raise ValueError(f"--src and --dst must differ, got {paths['src']!r} for both")
-    cfg: TrainConfig = parse_args(keep + ["--out", paths["dst"], "--tensorboard", "false"])
-    if not cfg.deepspeed:
-        raise ValueError("--deepspeed CONFIG is required (the engine layout to convert from/to)")
+    info = discover_rank_info()
+    try:
+        for key in ("src", "dst"):
+            if key not in paths:
+                raise ValueError(f"--{key} DIR is required")
+        if os.path.abspath(paths["src"]) == os.path.abspath(paths["dst"]):
+            raise ValueError(f"--src and --dst must differ, got {paths['src']!r} for both")
+        cfg = prepare(keep + ["--out", paths["dst"], "--tensorboard", "false"], info, PROG)
+        if not cfg.deepspeed:
+            raise ValueError("--deepspeed CONFIG is required (the engine layout to convert from/to)")
+    except (ValueError, TypeError) as err:
+        return fail(info.rank, err, PROG)
     src_root = os.path.join(paths["src"], "checkpoints")
     try:
         info = init_distributed(timeout=default_timeout(cfg))
-        groups = ParallelGroups.build(cfg.ep_size, timeout=default_timeout(cfg))
-        trainer = DeepSpeedTrainer(dataclasses.replace(cfg, resume=False), groups, local_device(info.local_rank))
+        groups = ParallelGroups.build(cfg.parallel.ep_size, timeout=default_timeout(cfg))
+        trainer = Trainer(dataclasses.replace(cfg, resume=False), groups, local_device(info.local_rank))
+        if not isinstance(trainer.engine, DeepSpeedEngine):
+            raise ValueError("--deepspeed CONFIG is required")
         if direction == "to-dcp":
-            trainer.ckpt_root = src_root
-            if trainer.resume() is None:
+            if trainer.resume(root=src_root, check_step=False) is None:
                 raise ValueError(f"--src {paths['src']!r}: no DeepSpeed checkpoint under {src_root}")
             out = export_dcp(trainer, os.path.join(paths["dst"], "checkpoints"))
         else:
-            choice = [ckpt.find_latest(src_root) if groups.rank == 0 else None]
-            torch.distributed.broadcast_object_list(choice, src=0, group=groups.dp_group)
-            if choice[0] is None:
-                raise ValueError(f"--src {paths['src']!r}: no complete DCP checkpoint under {src_root}")
-            import_dcp(trainer, choice[0])
+            import_dcp(trainer, src_root)
             out = trainer.save()
         trainer.logger.info(f"converted ({direction}) -> {out}")
+    except AGREED_ERRORS as err:
+        return fail(info.rank, err, PROG)
     finally:
         shutdown()
     return 0

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed.groups import ParallelGroups
+from ..moe.experts import GroupedExperts
 
 
 def _flat_all_reduce(grads: list[torch.Tensor], group, divide_by: int) -> None:
@@ -42,9 +43,16 @@ def _flat_all_reduce(grads: list[torch.Tensor], group, divide_by: int) -> None:
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(dense, expert)`` parameters of ``model``, in ``model.parameters()`` order.
+
+    Expert parameters are those owned by a :class:`GroupedExperts` module (this rank's
+    shard of an MoE layer), whatever the module is called; everything else is dense
+    (replicated on every rank)."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts)
+                  for p in m.parameters()}
     dense, expert = [], []
-    for name, p in model.named_parameters():
-        (expert if ".experts." in name else dense).append(p)
+    for p in model.parameters():
+        (expert if id(p) in expert_ids else dense).append(p)
     return dense, expert
 
 

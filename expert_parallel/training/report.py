@@ -1,7 +1,10 @@
 """Rank-0 reporting for the launcher: progress lines, metrics.jsonl, TensorBoard,
 ``summary.json`` and a PNG report (loss curves, drop rate per layer, tokens-per-expert
-heatmap over steps). Other ranks construct a silent logger.
+heatmap, routing entropy and dead experts over steps). Other ranks construct a silent
+logger. All plotting lives here (matplotlib is imported only when a report is drawn).
 
+Nothing is written before :meth:`RunLogger.start` (the trainer calls it once the run
+directory and the resume checks have passed, so a refused run leaves no trace).
 ``metrics.jsonl`` is opened in append mode and flushed every step, so a crash loses at
 most the line being written, and a resumed run continues the same file.
 """
@@ -13,13 +16,34 @@ import os
 import sys
 from typing import Any, Optional
 
-from ..moe.metrics import CollapseConfig, CollapseTracker, plot_collapse
+from ..moe.metrics import CollapseConfig, CollapseTracker
 from .config import TrainConfig
 
 
+def plot_collapse(records: list[dict], ax_entropy: Any, ax_dead: Any) -> None:
+    """Draw normalised routing entropy and dead experts per layer over steps on two
+    matplotlib axes, from ``metrics.jsonl`` records carrying ``record["collapse"]``
+    (as written when the launcher logs ``CollapseTracker.summary()``)."""
+    rows = [r for r in records if "collapse" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    for layer in rows[-1]["collapse"]:
+        ent = [r["collapse"].get(layer, {}).get("routing_entropy_norm", float("nan")) for r in rows]
+        dead = [r["collapse"].get(layer, {}).get("dead_experts", float("nan")) for r in rows]
+        ax_entropy.plot(steps, ent, label=layer)
+        ax_dead.plot(steps, dead, label=layer)
+    ax_entropy.set(title="routing entropy / ln E", xlabel="step", ylim=(0, 1.05))
+    ax_dead.set(title="dead experts (window)", xlabel="step", ylabel="experts")
+    ax_entropy.legend(fontsize=7)
+    ax_dead.legend(fontsize=7)
+
+
 class RunLogger:
-    def __init__(self, cfg: TrainConfig, active: bool) -> None:
+    def __init__(self, cfg: TrainConfig, active: bool, context: str = "") -> None:
         self.cfg, self.active = cfg, active
+        self.context = context
+        """Appended to every step line (dispatcher, EP size, ranks per node)."""
         # Running totals for summary.json (constant memory over any number of steps;
         # the per-step records live in metrics.jsonl, which the PNG report reads back).
         self.steps_logged = 0
@@ -29,10 +53,15 @@ class RunLogger:
         self.kept_sum: dict[str, list[int]] = {}
         self.tb = None
         self.collapse = CollapseTracker(CollapseConfig(window=100))
-        if not active:
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.metrics: Any = None
+
+    def start(self) -> None:
+        """Open the run's files (rank 0): metrics.jsonl (append), config.json, TensorBoard."""
+        cfg = self.cfg
+        if not self.active or self.metrics is not None:
             return
         os.makedirs(cfg.out, exist_ok=True)
-        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         self.metrics = open(self.metrics_path, "a")
         with open(os.path.join(cfg.out, "config.json"), "w") as fh:
             json.dump(cfg.to_dict(), fh, indent=1)
@@ -92,12 +121,13 @@ class RunLogger:
         val = f" val {val_loss:.4f}" if val_loss is not None else ""
         print(f"step {step:5d} | loss {result.loss:.4f}{val} | aux {result.aux_loss:.4f} | "
               f"drop {100 * drop:5.2f}% | a2a {100 * a2a_share:4.1f}% | "
-              f"{tokens_per_s:8.0f} tok/s | lr {lr:.2e}" + (" | SKIPPED" if result.skipped else ""),
-              flush=True)
+              f"{tokens_per_s:8.0f} tok/s | lr {lr:.2e}" + (f" | {self.context}" if self.context else "")
+              + (" | SKIPPED" if result.skipped else ""), flush=True)
 
     def finish(self, **summary_fields: Any) -> dict:
         if not self.active:
             return {}
+        self.start()  # a run with no step left (stop_after reached) still gets its files
         self.metrics.close()
         if self.tb is not None:
             self.tb.close()

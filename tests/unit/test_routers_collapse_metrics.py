@@ -12,10 +12,10 @@ from expert_parallel.moe.metrics import (
     CollapseConfig,
     CollapseTracker,
     collapse_metrics,
-    plot_collapse,
     routing_entropy,
 )
 from expert_parallel.moe.stats import MoEStats
+from expert_parallel.training.report import plot_collapse
 
 
 def _stats(routed: list[int], tokens: int, entropy_sum: float, max_sum: float) -> MoEStats:
