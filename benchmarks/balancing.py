@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
-from expert_parallel.training.config import parse_args  # noqa: E402
+from expert_parallel.training.options import parse_args  # noqa: E402
 from expert_parallel.training.trainer import run  # noqa: E402
 
 VARIANTS = {

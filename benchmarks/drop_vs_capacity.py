@@ -41,7 +41,7 @@ from benchmarks._common import environment, write_report  # noqa: E402
 from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
 from expert_parallel.moe import router as router_module  # noqa: E402
 from expert_parallel.moe.stats import MoEStats  # noqa: E402
-from expert_parallel.training.config import parse_args  # noqa: E402
+from expert_parallel.training.options import parse_args  # noqa: E402
 from expert_parallel.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = {
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = parse_args(["--max-steps", str(max(1, a.steps)), "--out", tmp, "--tensorboard", "false",
                               "--ckpt-every", "0", "--aux-loss-coeff", str(aux), "--seed", str(a.seed),
                               "--capacity-factor", str(a.train_capacity_factor)])
-            ctx = zipf_routing(cfg.model_config().moe.num_experts, a.zipf_s, a.seed + 7) \
+            ctx = zipf_routing(cfg.model.moe.num_experts, a.zipf_s, a.seed + 7) \
                 if routing == "zipf" else contextlib.nullcontext()
             with ctx, contextlib.redirect_stdout(io.StringIO()):
                 trainer = Trainer(cfg, ParallelGroups.single(), torch.device("cpu"))
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                          for cf in cfs}
         results[name] = cells
         print(name, {k: round(v["drop_fraction"], 4) for k, v in cells.items()}, flush=True)
-    model_cfg = cfg.model_config()
+    model_cfg = cfg.model
     report = {
         "benchmark": "drop_vs_capacity",
         "config": {**vars(a), "model": {"d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers,
