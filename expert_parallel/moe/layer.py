@@ -24,8 +24,10 @@ from ..distributed.groups import ParallelGroups
 from ..profiling.timer import NULL_TIMER
 from .capacity import plan_capacity
 from .dispatchers import NonFiniteRouterError, make_dispatcher
+from .balance import GlobalLoad
 from .experts import GroupedExperts
 from .router import Router
+from .shared import SharedExperts
 from .stats import MoEStats, routing_summary
 
 EXPERT_PARAM_NAMES = ("w1_eDF", "w2_eFD", "w3_eDF")
@@ -75,7 +77,11 @@ class MoELayer(nn.Module):
             expert_ids = self.groups.local_expert_range(config.num_experts)
             self.router = Router(config, seed=seed)
             self.experts = GroupedExperts(config, expert_ids, seed=seed)
+            # Replicated like the other dense parameters (its grads average over DP).
+            self.shared = SharedExperts(config, seed=seed) if config.num_shared_experts else None
             self.dispatcher = make_dispatcher(config, self.groups)
+            self.global_load = (GlobalLoad(self.groups.dp_group, self.groups.world_size)
+                                if config.aux_loss_scope == "global_batch" else None)
             shapes = {n: list(t.shape) for n, t in [*self.named_parameters(), *self.named_buffers()]}
         except (ValueError, TypeError) as err:
             setup_error = err
@@ -106,6 +112,10 @@ class MoELayer(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: input dtype must be floating point, got {x.dtype}")
+        if self.config.aux_loss_scope == "sequence" and x.dim() != 3:
+            raise ValueError(
+                f"{self.name}: aux_loss_scope='sequence' needs a [batch, seq, hidden] input to "
+                f"know its sequences, got shape {tuple(x.shape)}")
         weight = self.router.weight
         if x.device != weight.device:
             raise ValueError(
@@ -122,7 +132,8 @@ class MoELayer(nn.Module):
         x_TD = timer.mark(x.reshape(-1, cfg.hidden_size), "router")
         num_tokens = x_TD.shape[0]
         with timer.phase("router"):
-            routing = self.router(x_TD)
+            routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1,
+                                  global_load=self.global_load)
             capacity = cfg.capacity(num_tokens, self.training)
             plan = plan_capacity(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
                                  capacity, cfg.drop_policy, valid_TK=routing.valid_TK)
@@ -131,13 +142,26 @@ class MoELayer(nn.Module):
         rows_TD = x_TD
         if torch.is_autocast_enabled(x_TD.device.type) and x_TD.is_floating_point():
             rows_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        shared: dict[str, torch.Tensor] = {}
+
+        def shared_expert() -> None:  # while the dispatch exchange is in flight
+            with timer.phase("shared_expert"):
+                shared["y"] = self.shared(rows_TD)
+
+        overlap = self.shared is not None and cfg.shared_expert_overlap
         # Collectives issued inside are labelled with this layer's name (error messages).
         with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:
-                out_TD = self.dispatcher.run(rows_TD, routing, plan, self.experts).to(x.dtype)
+                out_TD = self.dispatcher.run(rows_TD, routing, plan, self.experts,
+                                             concurrent=shared_expert if overlap else None)
             except NonFiniteRouterError as err:
                 raise NonFiniteRouterError(
                     f"{self.name} (forward call {self.forward_calls}): {err}") from None
+        if self.shared is not None:
+            if not overlap:
+                shared_expert()
+            out_TD = out_TD + shared["y"]
+        out_TD = out_TD.to(x.dtype)
         with timer.phase("stats"):
             stats = self._stats(plan, routing, capacity, num_tokens)
         out_TD = timer.mark(out_TD, "begin")
@@ -168,6 +192,12 @@ class MoELayer(nn.Module):
             **routing_summary(routing),
         )
 
+    def start_global_batch(self) -> None:
+        """``aux_loss_scope='global_batch'``: the following forwards (the micro-batches of
+        one optimizer step) accumulate their load until the next call. No-op otherwise."""
+        if self.global_load is not None:
+            self.global_load.start()
+
     def set_capacity_factor(self, factor: Optional[float]) -> None:
         """Change the training capacity factor (e.g. from a ``CapacityTuner``). Every rank
         of the EP group must set the same value: capacity is part of the split math."""
@@ -191,10 +221,13 @@ class MoELayer(nn.Module):
         """Full, unsharded parameters on every rank (all-gather over the EP group).
 
         Keys: ``router.weight`` [E, D], ``router.expert_bias`` [E] (plus
-        ``router.noise_weight`` [E, D] for ``noisy_topk``), and
+        ``router.noise_weight`` [E, D] for ``noisy_topk``), ``shared.*`` (the shared
+        experts, replicated), and
         ``experts.<name>`` stacked over all E experts in global expert order.
         """
         sd = {f"router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}
+        if self.shared is not None:
+            sd.update({f"shared.{k}": v.detach().clone() for k, v in self.shared.state_dict().items()})
         for name in self.expert_param_names():
             local = getattr(self.experts, name).detach()
             sd[f"experts.{name}"] = torch.cat(all_gather_rows(local, self.groups.ep_group), 0)
@@ -204,7 +237,8 @@ class MoELayer(nn.Module):
     def load_global_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         """Load full parameters (as from :meth:`global_state_dict`), keeping our shard."""
         router_sd = self.router.state_dict(keep_vars=True)
-        expected = {f"router.{k}" for k in router_sd}
+        shared_sd = self.shared.state_dict(keep_vars=True) if self.shared is not None else {}
+        expected = {f"router.{k}" for k in router_sd} | {f"shared.{k}" for k in shared_sd}
         expected |= {f"experts.{n}" for n in self.expert_param_names()}
         if set(sd) != expected:
             raise ValueError(
@@ -212,6 +246,7 @@ class MoELayer(nn.Module):
             )
         ids = self.experts.expert_ids
         targets = {f"router.{k}": v for k, v in router_sd.items()}
+        targets.update({f"shared.{k}": v for k, v in shared_sd.items()})
         for name in self.expert_param_names():
             targets[f"experts.{name}"] = getattr(self.experts, name)
         for key, dst in targets.items():

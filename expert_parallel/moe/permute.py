@@ -88,13 +88,27 @@ def node_need(
     return need_MT, need_MT.view(num_nodes, num_tokens).sum(1)
 
 
+def host_ints(values, device: torch.device) -> torch.Tensor:
+    """Host ints (split sizes, counts) as an int64 tensor on ``device``, with no host sync.
+
+    ``torch.tensor(list, device=cuda)`` copies from pageable memory and then waits for the
+    stream (``cudaStreamSynchronize``: a sync, which ``set_sync_debug_mode`` flags). On
+    CUDA the values are staged in pinned memory and copied asynchronously instead; the
+    caching host allocator keeps the staging buffer alive until the copy has run.
+    """
+    if device.type != "cuda":
+        return torch.tensor(list(values), dtype=torch.long, device=device)
+    staged = torch.tensor(list(values), dtype=torch.long, pin_memory=True)
+    return staged.to(device, non_blocking=True)
+
+
 def exclusive_offsets(sizes, device: torch.device) -> torch.Tensor:
     """``[0, s0, s0+s1, ...]`` (one per size) of host ints, as a device tensor."""
     starts, total = [], 0
     for s in sizes:
         starts.append(total)
         total += s
-    return torch.tensor(starts, dtype=torch.long, device=device)
+    return host_ints(starts, device)
 
 
 def combine_rows(
@@ -104,7 +118,9 @@ def combine_rows(
     num_tokens: int,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``out[t] = sum over kept pairs of t of weight * y``, accumulated in fp32."""
-    out_TD = torch.zeros(num_tokens, y_SD.shape[-1], dtype=torch.float32, device=y_SD.device)
-    out_TD = out_TD.index_add(0, token_S, y_SD.float() * weight_S.unsqueeze(-1))
+    """``out[t] = sum over kept pairs of t of weight * y``, accumulated in fp32 (or in the
+    weights' precision when that is wider)."""
+    acc = torch.promote_types(torch.float32, weight_S.dtype)  # fp64 with an fp64 router
+    out_TD = torch.zeros(num_tokens, y_SD.shape[-1], dtype=acc, device=y_SD.device)
+    out_TD = out_TD.index_add(0, token_S, y_SD.to(acc) * weight_S.unsqueeze(-1))
     return out_TD.to(out_dtype)

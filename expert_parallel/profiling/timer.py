@@ -50,11 +50,13 @@ PHASES = (
     "count_exchange",
     "dispatch_a2a",
     "experts",
+    "shared_expert",
     "combine_a2a",
     "unpermute",
     "stats",
 )
-"""Forward phases, in data-path order (``stats``: the layer's device-side routing
+"""Forward phases, in data-path order (``shared_expert``: the dense shared MLP, run while
+the dispatch exchange is in flight; ``stats``: the layer's device-side routing
 statistics, :class:`~expert_parallel.moe.stats.MoEStats`; no backward)."""
 
 BACKWARD_MARKS = ("begin", "unpermute", "combine_a2a", "experts", "dispatch_a2a", "permute", "router")

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from expert_parallel import MoEConfig, MoELayer
-from expert_parallel.moe.router import NOISE_EPS, Router, noisy_load
+from expert_parallel.moe.balance import noisy_load
+from expert_parallel.moe.router import Router
+from expert_parallel.moe.scoring import NOISE_EPS
 
 X_TD = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from expert_parallel import MoEConfig, MoELayer
-from expert_parallel.moe.router import Router, top_p_mask
+from expert_parallel.moe.router import Router
+from expert_parallel.moe.scoring import top_p_mask
 
 P_TE = [[0.50, 0.30, 0.15, 0.05], [0.10, 0.70, 0.10, 0.10],
         [0.22, 0.28, 0.24, 0.26], [0.05, 0.05, 0.05, 0.85]]

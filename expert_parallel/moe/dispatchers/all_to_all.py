@@ -29,6 +29,7 @@ from ..capacity import CapacityPlan
 from ..permute import combine_rows
 from ..router import Routing
 from .base import Dispatcher, DispatchMetadata
+from .overlapped import pipelined_run
 from .steps import Chunk, InFlight, exchange_flat_counts, receive, regroup, route_chunks, send, \
     split_sizes, ungroup
 
@@ -102,6 +103,11 @@ class AllToAllDispatcher(Dispatcher):
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
         return self.finish_combine(self.start_combine(y_ND, meta))
+
+    def run(self, x_TD, routing, plan, experts, concurrent=None):
+        if concurrent is None:  # synchronous, with the backward-time marks
+            return super().run(x_TD, routing, plan, experts)
+        return pipelined_run(self, x_TD, routing, plan, experts, 1, concurrent)
 
 
 __all__ = ["AllToAllDispatcher", "InFlight"]

@@ -42,11 +42,13 @@ from typing import Any, Sequence
 import torch
 
 from ...distributed.collectives import all_gather_rows, comm_scope, start_all_to_all, wait_all_to_all
+from ...profiling.host_sync import host_sync
 from ...profiling.timer import NULL_TIMER
 from ..capacity import CapacityPlan
-from ..permute import exclusive_offsets, node_need, regroup_rank_to_expert
+from ..permute import exclusive_offsets, host_ints, node_need, regroup_rank_to_expert
 from ..router import Routing
 from .base import Dispatcher, DispatchMetadata
+from .overlapped import pipelined_run
 from .steps import Chunk, CountTable, receive, regroup, route_chunks, send, split_sizes, ungroup
 
 
@@ -106,7 +108,9 @@ class HierarchicalDispatcher(Dispatcher):
         n = kept_nE.shape[0]
         mine = torch.cat([kept_nE.reshape(-1), nonfinite.reshape(1).to(kept_nE.dtype),
                           uniq_nM.to(kept_nE.dtype)])
-        table = torch.cat(all_gather_rows(mine, self.groups.ep_group)).tolist()  # the one sync
+        gathered = torch.cat(all_gather_rows(mine, self.groups.ep_group))
+        with host_sync("count_exchange"):  # the one sync
+            table = gathered.tolist()
         width = n * E + 1 + n * M
         rows = [table[s * width : (s + 1) * width] for s in range(R)]
         me = self.groups.ep_rank
@@ -147,7 +151,7 @@ class HierarchicalDispatcher(Dispatcher):
             token_U = key_U % max(T, 1)
             x_UD = x_TD.index_select(0, token_U + chunk.start if chunk.start else token_U)
             node_S = torch.repeat_interleave(torch.arange(M, device=device),
-                                             torch.tensor(rows_send, device=device),
+                                             host_ints(rows_send, device),
                                              output_size=len(chunk.token_S))
             index_S = slot_MT[node_S * T + chunk.token_S] - exclusive_offsets(uniq_send, device)[node_S]
             # One side message per row: its index into the node's unique block and its
@@ -175,13 +179,13 @@ class HierarchicalDispatcher(Dispatcher):
         x_VD = receive(flight, self.timer)
         with self.timer.phase("permute"):
             index_Q = side_Q2[:, 1].detach().to(torch.long) + torch.repeat_interleave(
-                exclusive_offsets(flight.output_splits, device), torch.tensor(rows_recv, device=device),
+                exclusive_offsets(flight.output_splits, device), host_ints(rows_recv, device),
                 output_size=sum(rows_recv))
-            weight_Q = side_Q2[:, 0].float()
+            weight_Q = side_Q2[:, 0].to(chunk.weight_S.dtype)
             # One gather does both the fan-out and the regroup from (source node, j)-major.
             src = [s * L + i for s in range(M)]
             sent_MJ = [[counts_RR[s][m * L + j] for j in range(L)] for s in src]
-            regroup_Q = regroup_rank_to_expert(torch.tensor(sent_MJ, device=device, dtype=torch.long),
+            regroup_Q = regroup_rank_to_expert(host_ints(sum(sent_MJ, []), device).view(M, L),
                                                len(index_Q))
             index_Q, weight_Q = index_Q.index_select(0, regroup_Q), weight_Q.index_select(0, regroup_Q)
             x_QD = x_VD.index_select(0, index_Q)
@@ -192,7 +196,7 @@ class HierarchicalDispatcher(Dispatcher):
                             self.timer), self.timer)
         # Arrived (relay i', source node)-major; the flat order is (source node, i'):
         # folded into the expert-major regroup (one gather instead of two).
-        to_rank_major_N = regroup_rank_to_expert(torch.tensor(got_IM, device=device, dtype=torch.long),
+        to_rank_major_N = regroup_rank_to_expert(host_ints(sum(got_IM, []), device).view(L, M),
                                                  sum(intra_recv))
         x_ND, unregroup_N = regroup(x_ND, chunk.recv, self.ep_size, self.timer, to_rank_major_N)
         input_splits, output_splits, counts_local = split_sizes(chunk.kept, chunk.recv, self.ep_size)
@@ -210,8 +214,9 @@ class HierarchicalDispatcher(Dispatcher):
         y_QD = receive(send(y_ND, r.intra_send, r.intra_recv, self.groups.intra_group, "combine_a2a",
                             timer), timer)
         with timer.phase("unpermute"):
-            z_VD = torch.zeros(sum(r.uniq_recv), y_QD.shape[-1], dtype=torch.float32, device=y_QD.device)
-            z_VD = z_VD.index_add(0, r.index_Q, y_QD.float() * r.weight_Q.unsqueeze(-1)).to(y_QD.dtype)
+            acc = torch.promote_types(torch.float32, r.weight_Q.dtype)
+            z_VD = torch.zeros(sum(r.uniq_recv), y_QD.shape[-1], dtype=acc, device=y_QD.device)
+            z_VD = z_VD.index_add(0, r.index_Q, y_QD.to(acc) * r.weight_Q.unsqueeze(-1)).to(y_QD.dtype)
         flight = send(z_VD, r.uniq_send, r.uniq_recv, self.groups.inter_group, "combine_a2a", timer,
                       in_flight)
         return flight, meta, not in_flight
@@ -220,8 +225,9 @@ class HierarchicalDispatcher(Dispatcher):
         flight, meta, marks = pending
         z_UD = receive(flight, self.timer)
         with self.timer.phase("unpermute"):
-            out_TD = torch.zeros(meta.num_tokens, z_UD.shape[-1], dtype=torch.float32, device=z_UD.device)
-            out_TD = out_TD.index_add(0, meta.route.token_U, z_UD.float()).to(meta.out_dtype)
+            acc = torch.promote_types(torch.float32, meta.weight_S.dtype)
+            out_TD = torch.zeros(meta.num_tokens, z_UD.shape[-1], dtype=acc, device=z_UD.device)
+            out_TD = out_TD.index_add(0, meta.route.token_U, z_UD.to(acc)).to(meta.out_dtype)
         return self.timer.mark(out_TD, "unpermute") if marks else out_TD
 
     # -- the interface ---------------------------------------------------------------------
@@ -231,6 +237,11 @@ class HierarchicalDispatcher(Dispatcher):
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
         return self.finish_combine(self.start_combine(y_ND, meta))
+
+    def run(self, x_TD, routing, plan, experts, concurrent=None):
+        if concurrent is None:  # synchronous, with the backward-time marks
+            return super().run(x_TD, routing, plan, experts)
+        return pipelined_run(self, x_TD, routing, plan, experts, 1, concurrent)
 
 
 __all__ = ["HierarchicalDispatcher", "NodeRoute"]

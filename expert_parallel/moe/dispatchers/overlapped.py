@@ -21,7 +21,7 @@ one chunk, so results equal the unchunked path (up to nothing: same rows, same s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -57,18 +57,30 @@ class OverlappedDispatcher(Dispatcher):
         return self.inner.combine(y_ND, meta)
 
     def run(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
-            experts: ExpertFn) -> torch.Tensor:
-        inner, timer = self.inner, self.timer
-        chunks = inner.route(routing, plan, self.num_chunks)
-        dispatches = [inner.start_dispatch(x_TD, chunk, in_flight=True) for chunk in chunks]
-        combines = []
-        for pending in dispatches:
-            x_ND, meta = inner.finish_dispatch(pending)
-            with timer.phase("experts"):
-                y_ND = experts(x_ND, meta.counts_local)
-            combines.append(inner.start_combine(y_ND, meta, in_flight=True))
-        # Chunks are contiguous and in order, so their outputs stack into out_TD.
-        return torch.cat([inner.finish_combine(pending) for pending in combines], dim=0)
+            experts: ExpertFn, concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+        return pipelined_run(self.inner, x_TD, routing, plan, experts, self.num_chunks, concurrent)
+
+
+def pipelined_run(inner: Staged, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
+                  experts: ExpertFn, num_chunks: int,
+                  concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+    """The schedule of the module docstring over ``inner``'s stages; ``concurrent`` runs
+    once every dispatch exchange is in flight (``num_chunks=1``: plain dispatch, with
+    only the concurrent work overlapping it)."""
+    timer = inner.timer
+    chunks = inner.route(routing, plan, num_chunks)
+    dispatches = [inner.start_dispatch(x_TD, chunk, in_flight=True) for chunk in chunks]
+    if concurrent is not None:
+        concurrent()
+    combines = []
+    for pending in dispatches:
+        x_ND, meta = inner.finish_dispatch(pending)
+        with timer.phase("experts"):
+            y_ND = experts(x_ND, meta.counts_local)
+        combines.append(inner.start_combine(y_ND, meta, in_flight=num_chunks > 1))
+    outs = [inner.finish_combine(pending) for pending in combines]
+    # Chunks are contiguous and in order, so their outputs stack into out_TD.
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 __all__ = ["OverlappedDispatcher"]

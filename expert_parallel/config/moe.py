@@ -1,10 +1,10 @@
-"""Configuration dataclasses for the MoE layer.
+"""``MoEConfig``: one mixture-of-experts layer, validated.
 
-``MoEConfig`` describes one mixture-of-experts layer: its sizes, its router, its
-capacity / drop policy and its auxiliary losses. Every field is validated in
-``__post_init__``; a bad value raises ``ValueError`` (or ``TypeError`` for a value of
-the wrong type) whose message names the field and the value, so that every rank fails
-identically and before any collective is issued.
+Its sizes, its router, its capacity / drop policy, its dispatch options and its
+auxiliary losses. Every field is validated in ``__post_init__``; a bad value raises
+``ValueError`` (or ``TypeError`` for a value of the wrong type) whose message names the
+field and the value, so that every rank fails identically and before any collective is
+issued. Combinations of options are either supported or refused here, naming both.
 """
 
 from __future__ import annotations
@@ -16,30 +16,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "noisy_topk", "top_p", "expert_choice")
+from .checks import _check_choice, _check_float, _check_int
+
+ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "topk_softmax", "noisy_topk", "top_p",
+           "expert_choice")
+GROUP_ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "topk_softmax")
+"""Routers whose top-k selection can be limited to ``topk_groups`` groups."""
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
+ROUTER_DTYPES = ("fp32", "fp64")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, minimum: float, strict: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or (value <= minimum if strict else value < minimum):
-        op = ">" if strict else ">="
-        raise ValueError(f"{name} must be finite and {op} {minimum}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +50,8 @@ class MoEConfig:
     """``softmax_topk`` (softmax over experts, then top-k), ``switch`` (top-1 of a
     softmax, Switch Transformer), or ``sigmoid_topk`` (independent sigmoid scores with a
     per-expert selection bias for aux-loss-free balancing, DeepSeek-V3 style),
-    ``noisy_topk`` (Shazeer et al. 2017: learned Gaussian noise on the logits in training,
+    ``topk_softmax`` (top-k of the logits, then a softmax over the k: GPT-OSS, and
+    Mixtral's function), ``noisy_topk`` (Shazeer et al. 2017: learned Gaussian noise on the logits in training,
     importance + load losses), ``top_p`` (a variable number of experts per token: experts
     in order of probability until their cumulative probability reaches ``top_p``, at most
     ``top_k``), or ``expert_choice`` (Zhou et al. 2022: each expert takes its top-C tokens
@@ -142,6 +131,50 @@ class MoEConfig:
     """Cumulative-probability threshold of ``router='top_p'`` (required there, in
     (0, 1]; 1.0 takes exactly ``top_k`` experts). Must be None for other routers."""
 
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed experts' combine weights after any renormalisation
+    (DeepSeek-V3: 2.5 with normalised sigmoid scores). 1.0 leaves them unchanged."""
+
+    num_groups: int = 1
+    """Group-limited routing (DeepSeek-V2/V3): the E experts form ``num_groups``
+    contiguous groups of ``E / num_groups``; each token keeps its ``topk_groups`` best
+    groups (a group scores the sum of its two best expert scores, selection bias
+    included) and takes its top-k experts inside them. Rank r holds experts
+    ``[r*e, (r+1)*e)``, so ``num_groups = ep_size`` is device-limited routing and
+    ``num_groups`` = nodes of the EP group is node-limited routing (a token then crosses
+    the inter-node link at most ``topk_groups`` times in the hierarchical exchange).
+    1 disables it."""
+
+    topk_groups: Optional[int] = None
+    """Groups each token may use (required when ``num_groups > 1``)."""
+
+    num_shared_experts: int = 0
+    """Shared experts every token passes through (DeepSeek, Qwen2-MoE): one dense MLP of
+    hidden size ``shared_expert_ffn_hidden`` added to the routed output. Replicated
+    (data-parallel, not expert-parallel). 0 disables it."""
+
+    shared_expert_ffn_hidden: Optional[int] = None
+    """Hidden size of the shared MLP; None = ``num_shared_experts * ffn_hidden_size``
+    (the shared experts fused into one MLP, as DeepSeek does)."""
+
+    shared_expert_gate: bool = False
+    """Scale the shared output by ``sigmoid(x w_gate)`` per token (Qwen2-MoE)."""
+
+    shared_expert_overlap: bool = True
+    """Compute the shared expert while the dispatch all-to-all is in flight (Megatron's
+    ``--moe-shared-expert-overlap``); False computes it after the routed experts."""
+
+    aux_loss_scope: str = "micro_batch"
+    """Where the load-balancing loss's load f and probability P are taken:
+    ``micro_batch`` (this rank's tokens of this forward), ``sequence`` (DeepSeek-V3's
+    complementary sequence-wise loss: f and P per sequence of a ``[B, S, D]`` input,
+    averaged over sequences) or ``global_batch`` (f summed over the data-parallel group,
+    and over the micro-batches since ``MoELayer.start_global_batch()``; Megatron's
+    global aux loss, Qwen's "Demons in the Detail")."""
+
+    router_dtype: str = "fp32"
+    """Precision of the router logits, scores and combine weights: ``fp32`` or ``fp64``."""
+
     def __post_init__(self) -> None:
         _check_int("hidden_size", self.hidden_size, 1)
         _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
@@ -203,6 +236,60 @@ class MoEConfig:
             raise TypeError(f"static_shapes must be a bool, got {self.static_shapes!r}")
         if self.static_shapes:
             self._check_static_combinations()
+        self._check_modern_options()
+
+    def _check_modern_options(self) -> None:
+        """Scoring, group-limited routing, shared experts, loss scope, router dtype."""
+        _check_float("routed_scaling_factor", self.routed_scaling_factor, 0.0, strict=True)
+        _check_int("num_groups", self.num_groups, 1)
+        if self.num_groups > 1:
+            if self.num_experts % self.num_groups:
+                raise ValueError(f"num_groups={self.num_groups} must divide num_experts="
+                                 f"{self.num_experts}")
+            if self.topk_groups is None:
+                raise ValueError(f"topk_groups must be set when num_groups={self.num_groups} > 1, "
+                                 "got None")
+            _check_int("topk_groups", self.topk_groups, 1)
+            if self.topk_groups > self.num_groups:
+                raise ValueError(f"topk_groups={self.topk_groups} must be <= num_groups="
+                                 f"{self.num_groups}")
+            reachable = self.topk_groups * (self.num_experts // self.num_groups)
+            if self.top_k > reachable:
+                raise ValueError(
+                    f"top_k={self.top_k} is larger than the {reachable} experts in topk_groups="
+                    f"{self.topk_groups} groups of {self.num_experts // self.num_groups} "
+                    f"(num_groups={self.num_groups}, num_experts={self.num_experts})")
+            if self.router not in GROUP_ROUTERS:
+                raise ValueError(f"num_groups={self.num_groups} (group-limited routing) needs router in "
+                                 f"{list(GROUP_ROUTERS)}, got router={self.router!r}")
+        elif self.topk_groups is not None:
+            raise ValueError(f"topk_groups={self.topk_groups} is only used with num_groups > 1, "
+                             f"got num_groups={self.num_groups}")
+        _check_int("num_shared_experts", self.num_shared_experts, 0)
+        if self.shared_expert_ffn_hidden is not None:
+            _check_int("shared_expert_ffn_hidden", self.shared_expert_ffn_hidden, 1)
+            if self.num_shared_experts == 0:
+                raise ValueError(f"shared_expert_ffn_hidden={self.shared_expert_ffn_hidden} needs "
+                                 "num_shared_experts >= 1, got num_shared_experts=0")
+        for name in ("shared_expert_gate", "shared_expert_overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.shared_expert_gate and self.num_shared_experts == 0:
+            raise ValueError("shared_expert_gate=True needs num_shared_experts >= 1, got "
+                             "num_shared_experts=0")
+        _check_choice("aux_loss_scope", self.aux_loss_scope, AUX_LOSS_SCOPES)
+        if self.aux_loss_scope != "micro_batch" and self.router == "noisy_topk":
+            raise ValueError(f"aux_loss_scope={self.aux_loss_scope!r} cannot be combined with "
+                             "router='noisy_topk' (its cv^2 importance + load loss has no per-sequence "
+                             "or global-batch form here); use aux_loss_scope='micro_batch'")
+        _check_choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+
+    @property
+    def shared_ffn_hidden(self) -> int:
+        """Hidden size of the shared MLP (0 without shared experts)."""
+        if not self.num_shared_experts:
+            return 0
+        return self.shared_expert_ffn_hidden or self.num_shared_experts * self.ffn_hidden_size
 
     def _check_static_combinations(self) -> None:
         """The dispatch options are orthogonal except for the padded static-shape path:
@@ -251,60 +338,5 @@ class MoEConfig:
         return dataclasses.replace(self, **changes)
 
 
-def largest_local_ep(num_experts: int, ranks_per_node: int, world_size: int) -> int:
-    """The largest EP size that divides ``num_experts``, ``ranks_per_node`` and
-    ``world_size``: experts sharded as widely as possible while every EP group stays
-    inside one node (the all-to-all then never crosses the slow link)."""
-    best = 1
-    for d in range(1, min(num_experts, ranks_per_node) + 1):
-        if num_experts % d == 0 and ranks_per_node % d == 0 and world_size % d == 0:
-            best = d
-    return best
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    """How the ranks of a job are split into expert-parallel groups."""
-
-    ep_size: Any = "auto"
-    """Expert-parallel size: an int that divides the world size and ``num_experts``, or
-    ``auto``: the largest divisor of ``num_experts`` that divides the ranks per node, so
-    EP stays inside a node (8 ranks per node, 8 experts -> EP=8)."""
-
-    ranks_per_node: Optional[int] = None
-    """Ranks per node, for ``ep_size=auto`` and the hierarchical all-to-all. ``None``:
-    taken from the launcher (torchrun ``LOCAL_WORLD_SIZE``, SLURM tasks per node, Open
-    MPI ``OMPI_COMM_WORLD_LOCAL_SIZE``)."""
-
-    def __post_init__(self) -> None:
-        if self.ep_size != "auto":
-            if isinstance(self.ep_size, str) and self.ep_size.strip().isdigit():
-                object.__setattr__(self, "ep_size", int(self.ep_size))
-            elif isinstance(self.ep_size, str):
-                raise ValueError(f"ep_size must be a positive int or 'auto', got {self.ep_size!r}")
-            _check_int("ep_size", self.ep_size, 1)
-        if self.ranks_per_node is not None:
-            _check_int("ranks_per_node", self.ranks_per_node, 1)
-
-    def resolve(self, num_experts: int, world_size: int, local_world_size: int) -> tuple[int, int]:
-        """``(ep_size, ranks_per_node)`` for a job of ``world_size`` ranks with
-        ``local_world_size`` on this node. Pure: the same on every rank."""
-        per_node = self.ranks_per_node if self.ranks_per_node is not None else local_world_size
-        _check_int("ranks_per_node", per_node, 1)
-        if world_size % per_node:
-            raise ValueError(
-                f"ranks_per_node={per_node} must divide the world size {world_size}"
-            )
-        if self.ep_size == "auto":
-            ep = largest_local_ep(num_experts, per_node, world_size)
-        else:
-            ep = self.ep_size
-            if world_size % ep:
-                raise ValueError(f"ep_size={ep} must divide the world size {world_size}")
-            if num_experts % ep:
-                raise ValueError(f"ep_size={ep} must divide num_experts={num_experts}")
-        return ep, per_node
-
-
-__all__ = ["MoEConfig", "ParallelConfig", "largest_local_ep", "ROUTERS", "DROP_POLICIES",
-           "ACTIVATIONS", "EXPERT_BACKENDS"]
+__all__ = ["MoEConfig", "ROUTERS", "GROUP_ROUTERS", "DROP_POLICIES", "ACTIVATIONS", "EXPERT_BACKENDS",
+           "AUX_LOSS_SCOPES", "ROUTER_DTYPES"]
