@@ -11,21 +11,72 @@ Three ways to compute the same thing:
   * ``bmm``: pad every expert to the largest count and run batched GEMMs.
   * ``grouped_mm``: ``torch._grouped_mm`` with row offsets (CUDA; one kernel for all
     experts, no padding).
-``auto`` picks ``grouped_mm`` on CUDA when torch has it and ``loop`` otherwise.
+``auto`` picks ``grouped_mm`` on CUDA where its kernel applies and ``loop`` otherwise.
+
+``torch._grouped_mm``'s rules (:func:`grouped_mm_problem`), refused up front with a
+:class:`GroupedMMUnsupported` (a ``ValueError``) instead of failing inside torch:
+16-byte row strides (D and F multiples of 8 in bf16, of 4 in fp32), fewer than 1024
+local experts, and on CUDA bf16 on an sm90/sm100 GPU -- anything else runs torch's
+fallback, a per-expert loop that reads the offsets back to the host on every call (a
+hidden sync). Per-expert row counts need no padding: with contiguous rows the kernel
+checks no per-group alignment, and empty experts are fine (an empty batch never reaches
+the kernel). Counts and offsets reach the device with :func:`~.permute.host_ints` (no
+sync).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from .permute import host_ints
 from .router import seeded_generator
 
 EXPERT_TAG = 2
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GROUPED_MM_MAX_GROUPS = 1023
+
+
+class GroupedMMUnsupported(ValueError):
+    """``expert_backend='grouped_mm'`` cannot run these experts (the message says why)."""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: Optional[int]) -> Optional[tuple[int, int]]:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(index)
+
+
+def grouped_mm_problem(hidden_size: int, ffn_hidden_size: int, num_local: int,
+                       device_type: str, dtype: torch.dtype,
+                       capability: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """Why ``torch._grouped_mm`` cannot compute these experts correctly and without a host
+    sync (None: it can). ``capability`` is the CUDA compute capability (CUDA only)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"this torch ({torch.__version__}) has no torch._grouped_mm"
+    if dtype not in GROUPED_MM_DTYPES:
+        return f"torch._grouped_mm computes in float32, bfloat16 or float16, not {dtype}"
+    multiple = 16 // dtype.itemsize
+    if hidden_size % multiple or ffn_hidden_size % multiple:
+        return (f"it needs 16-byte aligned rows: hidden_size={hidden_size} and ffn_hidden_size="
+                f"{ffn_hidden_size} must be multiples of {multiple} for {dtype}")
+    if num_local > GROUPED_MM_MAX_GROUPS:
+        return f"torch._grouped_mm takes at most {GROUPED_MM_MAX_GROUPS} groups, got {num_local} local experts"
+    if device_type == "cuda":
+        if dtype != torch.bfloat16:
+            return (f"on CUDA its kernel is bf16-only (use bf16 autocast), got {dtype}: other dtypes "
+                    "run torch's fallback, which reads the offsets to the host every call")
+        if capability is None or capability[0] not in (9, 10):
+            found = "unknown" if capability is None else f"sm{capability[0]}{capability[1]}"
+            return (f"on CUDA its kernel needs an sm90/sm100 GPU (H100, H200, B200), this one is "
+                    f"{found}: elsewhere torch's fallback reads the offsets to the host every call")
+    return None
 
 
 def _activation(name: str, h_NF: torch.Tensor, g_NF: torch.Tensor | None) -> torch.Tensor:
@@ -62,39 +113,44 @@ class GroupedExperts(nn.Module):
     def num_local(self) -> int:
         return len(self.expert_ids)
 
-    def grouped_mm_aligned(self, dtype: torch.dtype) -> bool:
-        """``torch._grouped_mm`` needs 16-byte row strides for inputs and weights."""
-        sizes = (self.config.hidden_size, self.config.ffn_hidden_size)
-        itemsizes = {torch.empty((), dtype=dt).element_size() for dt in (dtype, self.w1_eDF.dtype)}
-        return all(n * b % 16 == 0 for n in sizes for b in itemsizes)
+    def grouped_mm_problem(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """:func:`grouped_mm_problem` for these experts on ``device`` in ``dtype``."""
+        cap = _cuda_capability(device.index) if device.type == "cuda" else None
+        return grouped_mm_problem(self.config.hidden_size, self.config.ffn_hidden_size,
+                                  self.num_local, device.type, dtype, cap)
+
+    @staticmethod
+    def compute_dtype(x_ND: torch.Tensor) -> torch.dtype:
+        """What the expert GEMMs compute in: the autocast dtype when autocast is on."""
+        if torch.is_autocast_enabled(x_ND.device.type):
+            return torch.get_autocast_dtype(x_ND.device.type)
+        return x_ND.dtype
 
     def backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         choice = self.config.expert_backend
         if choice != "auto":
             return choice
-        if device.type == "cuda" and hasattr(torch, "_grouped_mm") and (
-            dtype is None or self.grouped_mm_aligned(dtype)
-        ):
+        if device.type == "cuda" and dtype is not None and self.grouped_mm_problem(device, dtype) is None:
             return "grouped_mm"
         # Measured on CPU: the per-expert loop is as fast as padded bmm and needs no
         # padding memory, so it is the CPU default.
         return "loop"
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        backend = self.backend(x_ND.device, x_ND.dtype)
-        if backend == "grouped_mm" and not self.grouped_mm_aligned(x_ND.dtype):
-            # Same config and dtype on every rank, so every rank raises here alike.
-            multiple = 16 // min(x_ND.element_size(), self.w1_eDF.element_size())
-            raise ValueError(
-                f"expert_backend='grouped_mm' needs 16-byte aligned rows: hidden_size="
-                f"{self.config.hidden_size} and ffn_hidden_size={self.config.ffn_hidden_size} "
-                f"must be multiples of {multiple} for {x_ND.dtype} "
-                "(use expert_backend='loop' or 'bmm')"
-            )
+        dtype = self.compute_dtype(x_ND)
+        backend = self.backend(x_ND.device, dtype)
+        if backend == "grouped_mm":
+            problem = self.grouped_mm_problem(x_ND.device, dtype)
+            if problem is not None:
+                # Same config, dtype and GPU model on every rank: every rank raises alike.
+                raise GroupedMMUnsupported(
+                    f"expert_backend='grouped_mm' cannot run here: {problem} "
+                    "(use expert_backend='loop' or 'bmm', or 'auto')")
+            if x_ND.shape[0] == 0:  # nothing to multiply: no kernel launch on an empty batch
+                return self._forward_loop(x_ND, counts)
+            return self._forward_grouped(x_ND.to(dtype).contiguous(), counts)
         if backend == "bmm":
             return self._forward_bmm(x_ND, counts)
-        if backend == "grouped_mm":
-            return self._forward_grouped(x_ND, counts)
         return self._forward_loop(x_ND, counts)
 
     def _mlp(self, x, w1, w3, w2):
@@ -118,7 +174,7 @@ class GroupedExperts(nn.Module):
     def _forward_bmm(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         e, d = self.num_local, self.config.hidden_size
         width = max(counts) if len(counts) else 0
-        counts_e = torch.tensor(list(counts), device=x_ND.device)
+        counts_e = host_ints(counts, x_ND.device)
         expert_of_row = torch.repeat_interleave(torch.arange(e, device=x_ND.device), counts_e,
                                                 output_size=x_ND.shape[0])
         starts = torch.cumsum(counts_e, 0) - counts_e
@@ -131,7 +187,7 @@ class GroupedExperts(nn.Module):
         return y_pad.reshape(e * width, d).index_select(0, flat_idx)
 
     def _forward_grouped(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-        offs = torch.cumsum(torch.tensor(list(counts), device=x_ND.device), 0).to(torch.int32)
+        offs = torch.cumsum(host_ints(counts, x_ND.device), 0).to(torch.int32)
         mm = torch._grouped_mm  # type: ignore[attr-defined]
         # _grouped_mm is not on autocast's list: it needs both operands in one dtype, so
         # under bf16 autocast the (fp32 master) weights are cast here, as autocast would.

@@ -100,7 +100,8 @@ class MoEStats:
         total = float(hist.sum())
         if total == 0:
             return 0.0
-        return float((hist * torch.arange(hist.numel(), dtype=torch.float64)).sum()) / total
+        k = torch.arange(hist.numel(), dtype=torch.float64, device=hist.device)
+        return float((hist * k).sum()) / total
 
     def to_dict(self) -> dict:
         """Host-side summary for logs (this synchronises with the device)."""

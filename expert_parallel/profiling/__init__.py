@@ -4,6 +4,8 @@
 * ``profiler.py``: ``MoEProfiler`` / ``ProfilerConfig`` -- a window of profiled steps,
   aggregated over ranks into JSON records, TensorBoard scalars and a markdown table.
 * ``records.py``: how a record is built and what each field means.
+* ``host_sync.py``: the documented host syncs, marked (``host_sync``), and an audit of
+  host reads / host-built tensors / device-less factories for tests and dry runs.
 """
 
 from .profiler import MoEProfiler, ProfilerConfig

@@ -102,12 +102,64 @@ def test_grouped_mm_unaligned_sizes_raise_value_error(d: int, f: int, dtype: tor
         layer(torch.randn(5, d, dtype=dtype))
 
 
-def test_auto_backend_never_picks_unaligned_grouped_mm() -> None:
+def test_auto_backend_never_picks_unaligned_grouped_mm(monkeypatch) -> None:
+    from expert_parallel.moe import experts as experts_mod
+
     cfg = MoEConfig(hidden_size=6, ffn_hidden_size=8, num_experts=4)
     experts = GroupedExperts(cfg, range(4))
-    assert experts.backend(torch.device("cuda"), torch.float32) == "loop"
+    monkeypatch.setattr(experts_mod, "_cuda_capability", lambda index: (9, 0))  # an H100
+    assert experts.backend(torch.device("cuda"), torch.bfloat16) == "loop"  # 6 is unaligned
     assert experts.backend(torch.device("cpu"), torch.float32) == "loop"
     aligned = GroupedExperts(cfg.replace(hidden_size=8), range(4))
     if hasattr(torch, "_grouped_mm"):
-        assert aligned.backend(torch.device("cuda"), torch.float32) == "grouped_mm"
         assert aligned.backend(torch.device("cuda"), torch.bfloat16) == "grouped_mm"
+        # fp32 on CUDA is torch's fallback (a host read of the offsets per call): not picked
+        assert aligned.backend(torch.device("cuda"), torch.float32) == "loop"
+        monkeypatch.setattr(experts_mod, "_cuda_capability", lambda index: (8, 0))  # an A100
+        assert aligned.backend(torch.device("cuda"), torch.bfloat16) == "loop"
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch without _grouped_mm")
+@pytest.mark.parametrize("args,needle", [
+    ((8, 16, 4, "cuda", torch.bfloat16, (9, 0)), None),
+    ((8, 16, 4, "cuda", torch.bfloat16, (10, 0)), None),
+    ((8, 16, 4, "cpu", torch.float32, None), None),
+    ((8, 16, 4, "cuda", torch.float32, (9, 0)), "bf16-only"),
+    ((8, 16, 4, "cuda", torch.bfloat16, (8, 0)), "this one is sm80"),
+    ((8, 16, 4, "cuda", torch.bfloat16, (12, 0)), "this one is sm120"),
+    ((8, 16, 4, "cuda", torch.bfloat16, None), "this one is unknown"),
+    ((12, 16, 4, "cuda", torch.bfloat16, (9, 0)), "must be multiples of 8 for torch.bfloat16"),
+    ((8, 16, 1024, "cuda", torch.bfloat16, (9, 0)), "at most 1023 groups"),
+    ((8, 16, 4, "cpu", torch.float64, None), "not torch.float64"),
+])
+def test_grouped_mm_rules(args, needle) -> None:
+    from expert_parallel.moe.experts import grouped_mm_problem
+
+    problem = grouped_mm_problem(*args)
+    if needle is None:
+        assert problem is None
+    else:
+        assert problem is not None and needle in problem, problem
+
+
+def test_explicit_grouped_mm_refused_with_named_error_not_inside_torch(monkeypatch) -> None:
+    # fp64 is outside torch._grouped_mm's dtypes: without the check torch raises its own
+    # RuntimeError from inside the op; now a GroupedMMUnsupported (a ValueError) says why.
+    from expert_parallel.moe.experts import GroupedMMUnsupported
+
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, expert_backend="grouped_mm")
+    layer = MoELayer(cfg).double()
+    with pytest.raises(GroupedMMUnsupported, match=r"expert_backend='grouped_mm' cannot run here: .*float64"):
+        layer(torch.randn(5, 8, dtype=torch.float64))
+
+
+def test_grouped_mm_under_autocast_computes_in_the_autocast_dtype() -> None:
+    # Rows arriving in fp32 under bf16 autocast are cast like autocast casts a matmul.
+    cfg = MoEConfig(hidden_size=8, ffn_hidden_size=16, num_experts=4, expert_backend="grouped_mm")
+    experts = GroupedExperts(cfg, range(4), seed=2)
+    x = torch.randn(9, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, [2, 0, 4, 3])
+        ref = GroupedExperts(cfg.replace(expert_backend="loop"), range(4), seed=2)(x, [2, 0, 4, 3])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -34,8 +34,9 @@ from ...distributed.collectives import (
     start_all_to_all,
     wait_all_to_all,
 )
+from ...profiling.host_sync import host_sync
 from ..capacity import CapacityPlan
-from ..permute import count_ids, inverse_permutation, regroup_rank_to_expert
+from ..permute import count_ids, host_ints, inverse_permutation, regroup_rank_to_expert
 from ..router import Routing
 from .base import NonFiniteRouterError
 
@@ -94,7 +95,7 @@ def sort_pairs(routing: Routing, plan: CapacityPlan, num_experts: int,
     num_tokens, k = idx_TK.shape
     key_TK = idx_TK
     if num_chunks > 1:
-        edges = torch.tensor(list(bounds[1:-1]), device=idx_TK.device)
+        edges = host_ints(bounds[1:-1], idx_TK.device)
         chunk_T = torch.bucketize(torch.arange(num_tokens, device=idx_TK.device), edges, right=True)
         key_TK = chunk_T.unsqueeze(1) * num_experts + idx_TK
     key_TK = torch.where(plan.kept_TK, key_TK, torch.full_like(idx_TK, num_chunks * num_experts))
@@ -108,17 +109,20 @@ def exchange_flat_counts(kept_nE: torch.Tensor, nonfinite: torch.Tensor, group: 
     """The flat count exchange over ``group``: an all-to-all of ``[R, n*e + 1]`` blocks
     (row r: what this rank sends to each of rank r's experts per chunk, then this
     rank's NaN flag), so every rank learns every peer's flag in the same collective.
-    ``group=None`` (EP=1): no collective. Host sync: exactly one ``tolist``."""
+    ``group=None`` (EP=1): no collective. Host sync: exactly one ``tolist``, marked with
+    :func:`~expert_parallel.profiling.host_sync.host_sync`."""
     n, num_experts = kept_nE.shape
     R, e = ep_size, num_experts // ep_size
     if group is None:
-        host = torch.cat([kept_nE.reshape(-1), nonfinite.reshape(1).to(kept_nE.dtype)]).tolist()
+        with host_sync("count_exchange"):
+            host = torch.cat([kept_nE.reshape(-1), nonfinite.reshape(1).to(kept_nE.dtype)]).tolist()
         kept = [tuple(host[c * num_experts : (c + 1) * num_experts]) for c in range(n)]
         return CountTable(tuple(kept), tuple(kept), (0,) if host[-1] else ())
     send_Rx = kept_nE.view(n, R, e).transpose(0, 1).reshape(R, n * e)
     flag_R1 = nonfinite.reshape(1, 1).expand(R, 1).to(send_Rx.dtype)
     recv_Rx = all_to_all_counts(torch.cat([send_Rx, flag_R1], dim=1), group)
-    host = torch.cat([kept_nE.reshape(-1), recv_Rx.reshape(-1)]).tolist()  # the one sync
+    with host_sync("count_exchange"):  # the one sync
+        host = torch.cat([kept_nE.reshape(-1), recv_Rx.reshape(-1)]).tolist()
     mine, theirs = host[: n * num_experts], host[n * num_experts :]
     width = n * e + 1
     kept = tuple(tuple(mine[c * num_experts : (c + 1) * num_experts]) for c in range(n))
@@ -198,7 +202,7 @@ def regroup(x_ND: torch.Tensor, recv: Sequence[int], ep_size: int, timer: Any,
     with timer.phase("permute"):
         perm_N = to_rank_major_N
         if R > 1 and e > 1:
-            counts_Re = torch.tensor(list(recv), device=x_ND.device).view(R, e)
+            counts_Re = host_ints(recv, x_ND.device).view(R, e)
             expert_major_N = regroup_rank_to_expert(counts_Re, x_ND.shape[0])
             perm_N = expert_major_N if perm_N is None else perm_N[expert_major_N]
         return x_ND.index_select(0, perm_N), inverse_permutation(perm_N)
