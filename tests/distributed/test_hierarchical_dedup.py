@@ -77,3 +77,27 @@ def test_inter_node_rows_are_deduplicated_per_node() -> None:
 def test_two_experts_on_one_node_cross_once() -> None:
     expected = _check(rigged=True)
     assert [u for u, _ in expected] == TOKENS  # one row per token, not K
+
+
+def _node_limited_worker(rank: int, world: int, topk_groups: int) -> dict:
+    groups = ParallelGroups.build(4, ranks_per_node=L)
+    # Node-limited routing: one group per node (experts 0-3 on node 0, 4-7 on node 1).
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=12, num_experts=E, top_k=3, num_groups=2,
+                    topk_groups=topk_groups, a2a_algorithm="hierarchical")
+    layer = MoELayer(cfg, groups, seed=5)
+    x = torch.randn(TOKENS[rank], D, generator=torch.Generator().manual_seed(rank))
+    timer = PhaseTimer(x.device)
+    layer.set_timer(timer)
+    layer(x)
+    return {"topk": layer.router(x).topk_idx_TK, "sent": timer.bytes_sent["dispatch_a2a"]}
+
+
+def test_node_limited_routing_crosses_at_most_topk_groups_nodes() -> None:
+    results = run_ranks(_node_limited_worker, 4, 1)
+    topks = [r["topk"] for r in results]
+    for rank, r in enumerate(results):
+        nodes = topks[rank] // (E // 2)
+        assert bool((nodes == nodes[:, :1]).all()), "a token left its one chosen node"
+        uniq, relayed = _expected_rows(topks)[rank]
+        assert uniq == TOKENS[rank]  # one row per token: at most topk_groups=1 node each
+        assert r["sent"] == (uniq + relayed) * D * 4
