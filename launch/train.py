@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                                       ranks_per_node=per_node)
         run(cfg, groups, local_device(info.local_rank))
     except AGREED_ERRORS as err:  # decided together (same files, or rank 0's broadcast)
-        return fail(info.rank, err, PROG)
+        return fail(info.rank, err, PROG, named=True)
     finally:
         shutdown()
     return 0

@@ -231,7 +231,11 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str, state: dict[str, Any], group: Any) -> None:
-    """Collective: load ``state`` (tensors updated in place) from checkpoint ``path``."""
+    """Collective: load ``state`` (tensors updated in place) from checkpoint ``path``.
+
+    The metadata is checked first (:class:`UnsafeCheckpointError`): inside ``dcp.load`` a
+    refusal would surface as DCP's generic "metadata is None" assertion."""
+    read_dcp_metadata(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.load(state, storage_reader=SafeFileSystemReader(path), process_group=group)

@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = trainer.save()
         trainer.logger.info(f"converted ({direction}) -> {out}")
     except AGREED_ERRORS as err:
-        return fail(info.rank, err, PROG)
+        return fail(info.rank, err, PROG, named=True)
     finally:
         shutdown()
     return 0

@@ -30,10 +30,11 @@ def prepare(argv: Sequence[str], info: RankInfo, prog: str = "train.py") -> Trai
     return cfg
 
 
-def fail(rank: int, err: BaseException, prog: str = "train.py") -> int:
-    """Print ``err`` as one line on the first rank only; exit status 2."""
+def fail(rank: int, err: BaseException, prog: str = "train.py", named: bool = False) -> int:
+    """Print ``err`` as one line on the first rank only (with its class name when
+    ``named``); exit status 2."""
     if rank == 0:
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {type(err).__name__ + ': ' if named else ''}{err}", file=sys.stderr, flush=True)
     return 2
 
 
