@@ -1,7 +1,10 @@
 """``mpirun -np N python launch/train.py`` with Open MPI: ranks and EP groups (issue 5).
 
 Ranks come from the OMPI_* variables and the rendezvous from mpi4py (rank 0's host
-name and a free port, broadcast), with no MASTER_ADDR anywhere in the environment.
+name and a free port, broadcast), with no MASTER_ADDR anywhere in the environment. One
+mpirun also spans the two nodes of the emulated cluster (its remote daemon started
+through ``scripts/cluster/node_rsh.sh``, as through ssh): there the ranks per node come
+from Open MPI's local size and drive the hierarchical all-to-all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import sys
 
 import pytest
 
-from tests.integration.cluster_util import PROBE, STEPS, assert_same_losses
+from tests.integration.cluster_util import (EMULATED_CLUSTER_MISSING, PROBE, SCRIPTS, STEPS, Cluster,
+                                            assert_same_losses)
+from tests.integration.cluster_util import cluster  # noqa: F401 (the module-scoped fixture)
 from tests.integration.launcher import REPO, TINY, TRAIN, clean_env, losses, metrics, summary
 
 MPIRUN = shutil.which("mpirun")
@@ -67,3 +72,27 @@ def test_mpirun_ranks_and_groups(tmp_path) -> None:
         assert rec["master_addr"] == host and rec["env"]["MASTER_ADDR"] == host
         assert rec["master_port"] == recs[0]["master_port"] > 0
         assert rec["env"]["RANK"] == str(r) and rec["env"]["WORLD_SIZE"] == "4"
+
+
+@pytest.mark.skipif(EMULATED_CLUSTER_MISSING is not None,
+                    reason=f"emulated cluster: {EMULATED_CLUSTER_MISSING}")
+def test_mpirun_two_nodes_hierarchical(cluster: Cluster, tmp_path) -> None:
+    """mpirun on n1 with 2 ranks on each node, EP=4 across the link, --a2a-algorithm
+    hierarchical and no --ranks-per-node: OMPI_COMM_WORLD_LOCAL_SIZE=2 is what splits the
+    exchange into its node-local and cross-node hops."""
+    env = {**clean_env(), "CLUSTER_DIR": str(cluster.dir)}  # for node_rsh.sh
+    sent_before = cluster.link_bytes()
+    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-H", "n1:2,n2:2",
+           "-np", "4", "--mca", "plm_rsh_agent", str(SCRIPTS / "node_rsh.sh"),
+           # The daemons and the MPI byte transport on the link, not on the host's interfaces.
+           "--mca", "oob_tcp_if_include", "10.77.0.0/24", "--mca", "btl_tcp_if_include", "10.77.0.0/24",
+           sys.executable, TRAIN, *TINY, "--ep-size", "4", "--a2a-algorithm", "hierarchical",
+           "--max-steps", str(STEPS), "--out", str(tmp_path)]
+    proc = cluster.run(*cmd, timeout=300, check=False, env=env)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    s = summary(tmp_path)
+    assert (s["world_size"], s["ep_size"], s["steps"]) == (4, 4, STEPS)
+    assert (s["dispatcher"], s["ranks_per_node"]) == ("hierarchical(ranks_per_node=2)", 2)
+    assert len(metrics(tmp_path)) == STEPS
+    assert_same_losses(losses(tmp_path))
+    assert cluster.link_bytes() - sent_before > 100_000  # the ranks on n2 really were on n2
