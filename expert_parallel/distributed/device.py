@@ -57,12 +57,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Legacy fixed choice: bf16 autocast on GPU, none (fp32) on CPU. New code asks
-    :func:`resolve_precision` with the user's ``dtype`` instead."""
-    return torch.bfloat16 if device.type == "cuda" else None
-
-
 # -- precision ------------------------------------------------------------------------
 def _read_cpu_flags() -> frozenset[str]:
     """Feature flags of the first CPU in ``/proc/cpuinfo`` (empty where there is none,

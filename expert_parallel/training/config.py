@@ -21,9 +21,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from ..config import MoEConfig, ParallelConfig, _check_float, _check_int
+from ..distributed.device import PRECISIONS
 from ..models.transformer import ModelConfig
 from ..moe.capacity_tuner import CapacityTunerConfig
 from .host_memory import check_allocator
@@ -54,6 +55,11 @@ class TrainConfig:
     """AdamW weight decay (matrices only)."""
     grad_clip: float = 1.0
     """Clip gradients to this global norm (0 disables)."""
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision: auto = bf16 autocast where the device computes bf16 natively
+    (CUDA with native bf16, CPUs with AVX512-BF16 or AMX-BF16), fp32 elsewhere. Master
+    weights, optimizer state, router, combine and gradient reduction stay fp32
+    (docs/PRECISION.md). With --deepspeed its JSON's bf16 section decides instead."""
     seed: int = 1234
     """Seed for weights and data."""
     stop_after: int = 0
@@ -114,6 +120,8 @@ class TrainConfig:
             raise ValueError("resume=True and overwrite=True exclude each other: --resume continues "
                              "the run in --out, --overwrite deletes it")
         check_allocator(self.host_allocator)  # a known choice; an explicit library is installed
+        if self.dtype not in PRECISIONS:
+            raise ValueError(f"dtype must be one of {list(PRECISIONS)}, got {self.dtype!r}")
         moe = self.model.moe
         if self.tuner.target_drop is not None and moe.capacity_factor is None:
             raise ValueError(f"tuner.target_drop={self.tuner.target_drop!r} needs a capacity_factor "

@@ -44,6 +44,7 @@ from ..checkpoint import manager as ckpt
 from ..checkpoint.extra import load_extra, save_extra
 from ..checkpoint.safe_load import UnsafeCheckpointError
 from ..distributed.collectives import comm_scope, guard
+from ..distributed.device import Precision
 from ..distributed.groups import ParallelGroups, edp_group_ranks
 from ..models.transformer import ModelOutput, MoETransformer
 from .config import TrainConfig
@@ -97,6 +98,9 @@ class DeepSpeedEngine(Engine):
         self.engine.checkpoint_engine = SafeCheckpointEngine(self.engine.checkpoint_engine)
         self._check_engine(groups)
         self.replica_log = os.path.join(cfg.out, REPLICA_LOG) if self.rank == 0 else None
+        # The DeepSpeed JSON decides precision here (bf16 params + fp32 master copy, or fp32).
+        self.precision = Precision("bf16" if bf16_enabled(self.ds_config) else "fp32", cfg.dtype,
+                                   "the DeepSpeed config's bf16.enabled decides")
 
     def describe(self) -> str:
         return (f"deepspeed {self.ds_version}: ZeRO-{self.ds_config['zero_optimization']['stage']}, "

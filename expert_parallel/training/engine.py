@@ -9,7 +9,7 @@ only the model's optimisation and its checkpoint format:
 ==================  ===========================================  ==========================
 method              :class:`PlainEngine`                         ``DeepSpeedEngine``
 ==================  ===========================================  ==========================
-``forward``         model under autocast (bf16 on GPU)           ``deepspeed`` engine call
+``forward``         model under ``cfg.dtype``'s autocast          ``deepspeed`` engine call
 ``backward``        ``loss.backward()`` + dense-DP / expert-EDP  ``engine.backward`` (ZeRO
                     gradient all-reduce (``parallel.py``)        reduces inside)
 ``step``            global-norm clip, AdamW, zero_grad           ``engine.step`` (clips)
@@ -30,7 +30,7 @@ from torch import nn
 from ..checkpoint import manager as ckpt
 from ..checkpoint.state import model_state, optimizer_state
 from ..distributed.collectives import comm_scope, guard
-from ..distributed.device import autocast_dtype
+from ..distributed.device import Precision, resolve_precision
 from ..distributed.groups import ParallelGroups
 from ..models.transformer import ModelOutput, MoETransformer
 from .config import TrainConfig
@@ -59,6 +59,8 @@ class Engine(abc.ABC):
                  device: torch.device) -> None:
         self.cfg, self.model, self.groups, self.device = cfg, model, groups, device
         self.rank = groups.rank
+        self.precision: Precision = resolve_precision("fp32", device)
+        """What ``forward`` computes in (logged per step and in summary.json)."""
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> ModelOutput:
@@ -115,12 +117,10 @@ class PlainEngine(Engine):
                  device: torch.device, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         super().__init__(cfg, model, groups, device)
         self.optimizer = optimizer if optimizer is not None else build_optimizer(model, cfg)
-        self.autocast = autocast_dtype(device)
+        self.precision = resolve_precision(cfg.dtype, device)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast
-               else torch.autocast(self.device.type, enabled=False))
-        with ctx:
+        with self.precision.autocast(self.device.type):
             return self.model(x)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -97,8 +97,11 @@ class Trainer:
         self.ckpt_root = os.path.join(cfg.out, "checkpoints")
         self.dispatch = describe_dispatch(self.model)
         self.ranks_per_node = cfg.parallel.ranks_per_node or groups.ranks_per_node or None
+        self.precision = self.engine.precision
         self.logger = RunLogger(cfg, self.rank == 0,
-                                context=f"{self.dispatch} ep={groups.ep_size} rpn={self.ranks_per_node}")
+                                context=f"{self.dispatch} ep={groups.ep_size} rpn={self.ranks_per_node} "
+                                        f"{self.precision.name}")
+        self.logger.info(f"precision: {self.precision.name} (dtype={cfg.dtype}: {self.precision.reason})")
         self.tuners = {}
         if cfg.tuner.target_drop is not None:
             self.tuners = {name: CapacityTuner(layer.config, cfg.tuner)
@@ -300,7 +303,8 @@ class Trainer:
             val_loss = self.evaluate()
         return self.logger.finish(
             world_size=self.world, ep_size=self.groups.ep_size, ranks_per_node=self.ranks_per_node,
-            dispatcher=self.dispatch, engine=self.engine.describe(), steps=self.step,
+            dispatcher=self.dispatch, engine=self.engine.describe(), precision=self.precision.to_dict(),
+            steps=self.step,
             steps_this_run=steps_done, initial_val_loss=initial_val_loss, final_val_loss=val_loss,
             tokens_per_s=(steps_done * tokens_per_step / elapsed) if steps_done and elapsed > 0 else 0.0,
             elapsed_s=elapsed, data_source=self.data.source, host_allocator=active_allocator(),
