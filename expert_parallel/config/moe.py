@@ -25,7 +25,7 @@ GROUP_ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "topk_softmax")
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
 ROUTER_DTYPES = ("fp32", "fp64")
 DROP_POLICIES = ("position", "probs")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "swiglu_clamped")
 EXPERT_BACKENDS = ("auto", "loop", "bmm", "grouped_mm")
 
 
@@ -92,7 +92,9 @@ class MoEConfig:
     ``x * U(1 - eps, 1 + eps)`` (Switch Transformer). 0 disables it."""
 
     activation: str = "swiglu"
-    """Expert MLP: ``swiglu`` (``(silu(x W1) * x W3) W2``) or ``gelu`` (``gelu(x W1) W2``)."""
+    """Expert MLP: ``swiglu`` (``(silu(x W1) * x W3) W2``), ``gelu`` (``gelu(x W1) W2``), or
+    ``swiglu_clamped`` (GPT-OSS: ``g = min(x W1, limit)``, ``u = clamp(x W3, -limit, limit)``,
+    ``((u + 1) * g * sigmoid(alpha * g)) W2``; see ``swiglu_alpha`` / ``swiglu_limit``)."""
 
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of router and expert weights."""
@@ -175,6 +177,25 @@ class MoEConfig:
     router_dtype: str = "fp32"
     """Precision of the router logits, scores and combine weights: ``fp32`` or ``fp64``."""
 
+    swiglu_alpha: float = 1.702
+    """Slope of the sigmoid in ``activation='swiglu_clamped'`` (GPT-OSS: 1.702); other
+    activations refuse a changed value."""
+
+    swiglu_limit: float = 7.0
+    """Clamp of ``activation='swiglu_clamped'`` (GPT-OSS: 7.0): the gate projection is
+    clamped from above, the up projection to ``[-limit, limit]``; other activations refuse
+    a changed value."""
+
+    router_bias: bool = False
+    """A learned bias on the router logits, ``x W^T + b`` (GPT-OSS), replicated and trained
+    like the router weight (zero init). Unlike ``router.expert_bias`` it changes the
+    scores, not only the selection."""
+
+    expert_proj_bias: bool = False
+    """Biases on the routed experts' projections (GPT-OSS): ``b1_eF`` / ``b3_eF`` added to
+    ``x W1`` / ``x W3`` before the activation and ``b2_eD`` to the down projection, sharded
+    with the experts (zero init). Shared experts have none."""
+
     def __post_init__(self) -> None:
         _check_int("hidden_size", self.hidden_size, 1)
         _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
@@ -237,6 +258,19 @@ class MoEConfig:
         if self.static_shapes:
             self._check_static_combinations()
         self._check_modern_options()
+        self._check_expert_options()
+
+    def _check_expert_options(self) -> None:
+        """Clamped SwiGLU constants, router and expert-projection biases."""
+        for name, default in (("swiglu_alpha", 1.702), ("swiglu_limit", 7.0)):
+            value = getattr(self, name)
+            _check_float(name, value, 0.0, strict=True)
+            if self.activation != "swiglu_clamped" and value != default:
+                raise ValueError(f"{name}={value!r} is only used by activation='swiglu_clamped', "
+                                 f"got activation={self.activation!r}")
+        for name in ("router_bias", "expert_proj_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def _check_modern_options(self) -> None:
         """Scoring, group-limited routing, shared experts, loss scope, router dtype."""
