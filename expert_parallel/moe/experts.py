@@ -79,9 +79,21 @@ def grouped_mm_problem(hidden_size: int, ffn_hidden_size: int, num_local: int,
     return None
 
 
-def _activation(name: str, h_NF: torch.Tensor, g_NF: torch.Tensor | None) -> torch.Tensor:
+GATED_ACTIVATIONS = ("swiglu", "swiglu_clamped")
+"""Activations with a second (up) projection W3."""
+
+
+def apply_activation(config: MoEConfig, h_NF: torch.Tensor, g_NF: torch.Tensor | None) -> torch.Tensor:
+    """``config.activation`` of the gate projection ``h_NF`` (times the up projection
+    ``g_NF`` for the gated ones)."""
+    name = config.activation
     if name == "swiglu":
         return F.silu(h_NF) * g_NF
+    if name == "swiglu_clamped":  # GPT-OSS: clamped gate and up, sigmoid slope alpha, up + 1
+        limit = config.swiglu_limit
+        h_NF = h_NF.clamp(max=limit)
+        glu_NF = h_NF * torch.sigmoid(h_NF * config.swiglu_alpha)
+        return (g_NF.clamp(min=-limit, max=limit) + 1) * glu_NF
     return F.gelu(h_NF)
 
 
@@ -99,15 +111,21 @@ class GroupedExperts(nn.Module):
             # Draw order is fixed per expert: w1, w2, then w3 (SwiGLU only).
             w1.append(torch.empty(d, f).normal_(0.0, config.init_std, generator=gen))
             w2.append(torch.empty(f, d).normal_(0.0, config.init_std, generator=gen))
-            if config.activation == "swiglu":
+            if config.activation in GATED_ACTIVATIONS:
                 w3.append(torch.empty(d, f).normal_(0.0, config.init_std, generator=gen))
         self.w1_eDF = nn.Parameter(torch.stack(w1) if w1 else torch.empty(0, d, f))
         self.w2_eFD = nn.Parameter(torch.stack(w2) if w2 else torch.empty(0, f, d))
         self.w3_eDF = (
             nn.Parameter(torch.stack(w3) if w3 else torch.empty(0, d, f))
-            if config.activation == "swiglu"
+            if config.activation in GATED_ACTIVATIONS
             else None
         )
+        # Projection biases (expert_proj_bias, GPT-OSS): zero init, so the seeded weight
+        # draws above are the same with or without them.
+        e, bias = len(self.expert_ids), config.expert_proj_bias
+        self.b1_eF = nn.Parameter(torch.zeros(e, f)) if bias else None
+        self.b3_eF = nn.Parameter(torch.zeros(e, f)) if bias and self.w3_eDF is not None else None
+        self.b2_eD = nn.Parameter(torch.zeros(e, d)) if bias else None
 
     @property
     def num_local(self) -> int:
@@ -153,10 +171,15 @@ class GroupedExperts(nn.Module):
             return self._forward_bmm(x_ND, counts)
         return self._forward_loop(x_ND, counts)
 
-    def _mlp(self, x, w1, w3, w2):
-        h = x @ w1
-        g = x @ w3 if w3 is not None else None
-        return _activation(self.config.activation, h, g) @ w2
+    def _mlp(self, x, w1, w3, w2, b1=None, b3=None, b2=None):
+        h = x @ w1 if b1 is None else torch.addmm(b1, x, w1)
+        g = None if w3 is None else (x @ w3 if b3 is None else torch.addmm(b3, x, w3))
+        a = apply_activation(self.config, h, g)
+        return a @ w2 if b2 is None else torch.addmm(b2, a, w2)
+
+    def _unbind(self, name: str) -> Optional[tuple[torch.Tensor, ...]]:
+        p = getattr(self, name)
+        return p.unbind(0) if p is not None else None
 
     def _forward_loop(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         outs = []
@@ -164,9 +187,10 @@ class GroupedExperts(nn.Module):
         # expert (O(e^2) memory traffic, ~5x slower at 32 local experts on CPU); unbind's
         # backward stacks the e slices once.
         w1s, w2s = self.w1_eDF.unbind(0), self.w2_eFD.unbind(0)
-        w3s = self.w3_eDF.unbind(0) if self.w3_eDF is not None else None
+        optional = [self._unbind(n) for n in ("w3_eDF", "b1_eF", "b3_eF", "b2_eD")]
         for l, x_nD in enumerate(torch.split(x_ND, list(counts))):
-            outs.append(self._mlp(x_nD, w1s[l], w3s[l] if w3s is not None else None, w2s[l]))
+            w3, b1, b3, b2 = (t[l] if t is not None else None for t in optional)
+            outs.append(self._mlp(x_nD, w1s[l], w3, w2s[l], b1, b3, b2))
         if not outs:
             return x_ND.new_zeros(0, self.config.hidden_size)
         return torch.cat(outs, dim=0)
@@ -181,9 +205,13 @@ class GroupedExperts(nn.Module):
         slot_of_row = torch.arange(x_ND.shape[0], device=x_ND.device) - starts[expert_of_row]
         flat_idx = expert_of_row * width + slot_of_row
         x_pad = x_ND.new_zeros(e * width, d).index_copy(0, flat_idx, x_ND).view(e, width, d)
-        h = torch.bmm(x_pad, self.w1_eDF)
-        g = torch.bmm(x_pad, self.w3_eDF) if self.w3_eDF is not None else None
-        y_pad = torch.bmm(_activation(self.config.activation, h, g), self.w2_eFD)
+
+        def bmm(a, w, b):  # b [e, out] broadcast over each expert's padded rows
+            return torch.bmm(a, w) if b is None else torch.baddbmm(b.unsqueeze(1), a, w)
+
+        h = bmm(x_pad, self.w1_eDF, self.b1_eF)
+        g = bmm(x_pad, self.w3_eDF, self.b3_eF) if self.w3_eDF is not None else None
+        y_pad = bmm(apply_activation(self.config, h, g), self.w2_eFD, self.b2_eD)
         return y_pad.reshape(e * width, d).index_select(0, flat_idx)
 
     def _forward_grouped(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -193,6 +221,13 @@ class GroupedExperts(nn.Module):
         # under bf16 autocast the (fp32 master) weights are cast here, as autocast would.
         w1, w2 = self.w1_eDF.to(x_ND.dtype), self.w2_eFD.to(x_ND.dtype)
         w3 = self.w3_eDF.to(x_ND.dtype) if self.w3_eDF is not None else None
-        h = mm(x_ND, w1, offs=offs)
-        g = mm(x_ND, w3, offs=offs) if w3 is not None else None
-        return mm(_activation(self.config.activation, h, g), w2, offs=offs)
+        counts_e = host_ints(counts, x_ND.device)
+
+        def add_bias(y, b):  # each row gets its expert's bias
+            if b is None:
+                return y
+            return y + torch.repeat_interleave(b.to(y.dtype), counts_e, dim=0, output_size=y.shape[0])
+
+        h = add_bias(mm(x_ND, w1, offs=offs), self.b1_eF)
+        g = add_bias(mm(x_ND, w3, offs=offs), self.b3_eF) if w3 is not None else None
+        return add_bias(mm(apply_activation(self.config, h, g), w2, offs=offs), self.b2_eD)

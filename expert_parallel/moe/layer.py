@@ -30,7 +30,8 @@ from .router import Router
 from .shared import SharedExperts
 from .stats import MoEStats, routing_summary
 
-EXPERT_PARAM_NAMES = ("w1_eDF", "w2_eFD", "w3_eDF")
+EXPERT_PARAM_NAMES = ("w1_eDF", "w2_eFD", "w3_eDF", "b1_eF", "b3_eF", "b2_eD")
+"""Stacked per-expert parameters of ``GroupedExperts`` (the biases with ``expert_proj_bias``)."""
 
 
 @dataclass(frozen=True)

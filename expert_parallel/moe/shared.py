@@ -12,10 +12,10 @@ output. Weights depend only on the seed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from .experts import GATED_ACTIVATIONS, apply_activation
 from .router import seeded_generator
 
 SHARED_TAG = 3
@@ -33,17 +33,13 @@ class SharedExperts(nn.Module):
         self.w1_DF = nn.Parameter(torch.empty(d, f).normal_(0.0, config.init_std, generator=gen))
         self.w2_FD = nn.Parameter(torch.empty(f, d).normal_(0.0, config.init_std, generator=gen))
         self.w3_DF = (nn.Parameter(torch.empty(d, f).normal_(0.0, config.init_std, generator=gen))
-                      if config.activation == "swiglu" else None)
+                      if config.activation in GATED_ACTIVATIONS else None)
         self.gate_D = (nn.Parameter(torch.empty(d).normal_(0.0, config.init_std, generator=gen))
                        if config.shared_expert_gate else None)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        h_TF = x_TD @ self.w1_DF
-        if self.w3_DF is not None:
-            h_TF = F.silu(h_TF) * (x_TD @ self.w3_DF)
-        else:
-            h_TF = F.gelu(h_TF)
-        y_TD = h_TF @ self.w2_FD
+        g_TF = x_TD @ self.w3_DF if self.w3_DF is not None else None
+        y_TD = apply_activation(self.config, x_TD @ self.w1_DF, g_TF) @ self.w2_FD
         if self.gate_D is not None:
             y_TD = y_TD * torch.sigmoid(x_TD @ self.gate_D).unsqueeze(-1)
         return y_TD
