@@ -79,6 +79,9 @@ class Router(nn.Module):
             self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         else:
             self.noise_weight = None
+        # router_bias (GPT-OSS): a learned logit bias, zero init (the seeded draws above
+        # are unchanged), replicated and trained like the weight.
+        self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
         # Selection-only bias for aux-loss-free balancing; never receives gradients.
         self.register_buffer(
             "expert_bias", torch.zeros(config.num_experts, dtype=torch.float32), persistent=True
@@ -95,15 +98,19 @@ class Router(nn.Module):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return x_TD
 
+    def _linear(self, x_TD: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(self.dtype) if self.bias is not None else None
+        return F.linear(x_TD, self.weight.to(self.dtype), bias)
+
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._inputs(x_TD), self.weight.to(self.dtype))
+        return self._linear(self._inputs(x_TD))
 
     def forward(self, x_TD: torch.Tensor, num_sequences: int = 1,
                 global_load: Optional[GlobalLoad] = None) -> Routing:
         cfg = self.config
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             x_TD = self._inputs(x_TD)
-            clean_TE = F.linear(x_TD, self.weight.to(self.dtype))
+            clean_TE = self._linear(x_TD)
             logits_TE, std_TE = clean_TE, None
             if cfg.router == "noisy_topk":
                 std_TE = noise_std(x_TD, self.noise_weight.to(self.dtype))
