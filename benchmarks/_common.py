@@ -62,6 +62,25 @@ def timed_max(fn: Callable[[], Any], group: Optional[Any] = None) -> float:
     return float(elapsed)
 
 
+def timed_wall_cpu(fn: Callable[[], Any], group: Optional[Any] = None) -> tuple[float, float]:
+    """``(wall, cpu)``: the slowest rank's wall seconds (as :func:`timed_max`) and the CPU
+    seconds all ranks spent (``time.process_time``, every thread of each process, summed
+    over ranks). On a machine shared with other jobs the wall time includes waiting for a
+    core; the CPU time does not (nor does it count a rank blocked on a peer), so ratios
+    of CPU time are the load-robust companion of the wall-time ratios."""
+    if dist.is_initialized():
+        dist.barrier(group=group)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    out = torch.tensor([time.perf_counter() - t0, time.process_time() - c0], dtype=torch.float64)
+    if dist.is_initialized():
+        wall, cpu = out.clone(), out.clone()
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(cpu, op=dist.ReduceOp.SUM, group=group)
+        return float(wall[0]), float(cpu[1])
+    return float(out[0]), float(out[1])
+
+
 def peak_alloc_bytes(fn: Callable[[], Any]) -> int:
     """Peak live tensor bytes allocated while ``fn`` runs (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile

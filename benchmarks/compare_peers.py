@@ -57,7 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import _peers  # noqa: E402
 from benchmarks._common import (add_dtype_arg, environment, median, op_breakdown, precisions,  # noqa: E402
-                                replayed_peak_bytes, spawn, timed_max, write_report)
+                                replayed_peak_bytes, spawn, timed_max, timed_wall_cpu, write_report)
 
 FP32_TOL = 1e-5
 """fp32 equality: max abs difference / max abs of our output (or input gradient)."""
@@ -284,13 +284,15 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
             impls[f"floor_experts{suffix}@{prec.name}"] = gemm
 
     times: dict[str, list[float]] = {k: [] for k in impls}
+    cpu_times: dict[str, list[float]] = {k: [] for k in impls}
     names = list(impls)
     for it in range(a.warmup + a.iters):
         order = names if it % 2 == 0 else names[::-1]  # alternate to cancel drift
         for name in order:
-            t = timed_max(impls[name])
+            t, c = timed_wall_cpu(impls[name])
             if it >= a.warmup:
                 times[name].append(t)
+                cpu_times[name].append(c)
 
     # Peak memory per rank, collectives replayed (grads exist from the warmup: equal footing).
     memory = {}
@@ -315,7 +317,7 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
     ds_rows = None
     if "deepspeed" in peers and cf is not None:
         ds_rows = a.experts * cf_layer.config.capacity(a.tokens, True)
-    return {"times": times, "memory": memory, "breakdown": breakdown, "equality": equality,
+    return {"times": times, "cpu_times": cpu_times, "memory": memory, "breakdown": breakdown, "equality": equality,
             "missing": missing, "notes": {n: p.notes for n, p in peers.items()}, "shims": list(_peers.SHIMS),
             "floors_io": floors_io, "profile": prof.records, "ds_rows_per_rank": ds_rows,
             "precisions": [p.to_dict() for p in precs]}
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
     r0 = results[0]
     cf = a.capacity_factor
     med = {k: median(v) for k, v in r0["times"].items()}
+    cpu_med = {k: median(v) for k, v in r0["cpu_times"].items()}
     peak = {k: max(max(r["memory"][k]["peak_bytes"]) for r in results) for k in r0["memory"]}
     spread = {k: max(r["memory"][k]["spread"] for r in results) for k in r0["memory"]}
     exch = {k: max(sum(r["memory"][k]["exchange_bytes"].values()) for r in results) for k in r0["memory"]}
@@ -386,25 +389,29 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
     peers = [n for n in a.peers if n not in r0["missing"]]
     by_dtype: dict = {}
     for d in prec_names:
-        row = {"times_ms": {}, "peak_mib": {}, "memory_spread": {}, "exchange_mib": {}}
+        row = {"times_ms": {}, "cpu_ms": {}, "peak_mib": {}, "memory_spread": {}, "exchange_mib": {}}
         for k in med:
             name, dd = k.split("@")
             if dd == d:
                 row["times_ms"][name] = 1e3 * med[k]
+                row["cpu_ms"][name] = 1e3 * cpu_med[k]
         for k in peak:
             name, dd = k.split("@")
             if dd == d:
                 row["peak_mib"][name] = peak[k] / 2**20
                 row["memory_spread"][name] = spread[k]
                 row["exchange_mib"][name] = exch[k] / 2**20
-        t = row["times_ms"]
+        t, c = row["times_ms"], row["cpu_ms"]
         for suffix, lname in (("", "ours"), ("_dropless", "ours_dropless")):
             if lname in t:
-                t[f"floor{suffix}"] = t[f"floor_a2a{suffix}"] + t[f"floor_experts{suffix}"]
+                for tt in (t, c):
+                    tt[f"floor{suffix}"] = tt[f"floor_a2a{suffix}"] + tt[f"floor_experts{suffix}"]
                 row[f"{lname}_over_floor"] = t[lname] / t[f"floor{suffix}"]
+                row[f"{lname}_over_floor_cpu"] = c[lname] / c[f"floor{suffix}"]
         for p in peers:
             ref = PEER_REF[p] if PEER_REF[p] in t else "ours_dropless"
             row[f"speedup_vs_{p}"] = t[p] / t[ref]
+            row[f"speedup_vs_{p}_cpu"] = c[p] / c[ref]
             row[f"memory_ratio_vs_{p}"] = row["peak_mib"][ref] / row["peak_mib"][p]
         row["equality"] = r0["equality"].get(d, {})
         bd = {}
@@ -427,6 +434,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
         "by_dtype": by_dtype,
         "primary_dtype": primary,
         "times_s": {k: {"median": med[k], "all": r0["times"][k]} for k in med},
+        "cpu_times_s": {k: {"median": cpu_med[k], "all": r0["cpu_times"][k]} for k in cpu_med},
         "missing_peers": r0["missing"],
         "peer_notes": r0["notes"],
         "shims": r0["shims"],
@@ -459,22 +467,25 @@ def _lead_io(r: dict) -> dict:
 def _targets(by_dtype: dict, peers: list[str], ds_target) -> list[dict]:
     out = []
 
-    def add(what, dtype, value, bound, kind):
+    def add(what, dtype, row, key, bound, kind):
+        value = row.get(key)
         if value is None:
             return
         met = value >= bound if kind == "min" else value <= bound
         by = value / bound - 1 if kind == "min" else bound / value - 1
+        cpu = row.get(key.replace("_over_floor", "_over_floor_cpu") if "over_floor" in key else key + "_cpu")
+        cpu_met = None if cpu is None else (cpu >= bound if kind == "min" else cpu <= bound)
         out.append({"target": what, "dtype": dtype, "value": value, "bound": bound, "kind": kind,
-                    "met": met, "margin": by})
+                    "met": met, "margin": by, "value_cpu_time": cpu, "met_cpu_time": cpu_met})
 
     for d, row in by_dtype.items():
         if "torchtitan" in peers:
-            add("speedup vs torchtitan", d, row.get("speedup_vs_torchtitan"), TARGETS["speedup_vs_torchtitan_min"], "min")
+            add("speedup vs torchtitan", d, row, "speedup_vs_torchtitan", TARGETS["speedup_vs_torchtitan_min"], "min")
         if "deepspeed" in peers and ds_target:
-            add("speedup vs DeepSpeed", d, row.get("speedup_vs_deepspeed"), ds_target, "min")
+            add("speedup vs DeepSpeed", d, row, "speedup_vs_deepspeed", ds_target, "min")
         if d == "bf16":
             lead = "ours" if "ours_over_floor" in row else "ours_dropless"
-            add(f"{lead} time / floor", d, row.get(f"{lead}_over_floor"), TARGETS["layer_over_floor_max_bf16"], "max")
+            add(f"{lead} time / floor", d, row, f"{lead}_over_floor", TARGETS["layer_over_floor_max_bf16"], "max")
     return out
 
 
@@ -493,8 +504,9 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
         md.append("")
     for d, row in by_dtype.items():
         t = row["times_ms"]
-        md += [f"## {d}", "", "| row | median ms | vs ours | peak MiB (spread) | exchange MiB | same function |",
-               "|---|---:|---:|---:|---:|---|"]
+        c = row["cpu_ms"]
+        md += [f"## {d}", "", "| row | median ms | vs ours | CPU ms (all ranks) | vs ours (CPU) | "
+               "peak MiB (spread) | exchange MiB | same function |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         order = [n for n in ("ours", "ours_dropless", *peers) if n in t]
         order += [n for n in ("floor", "floor_a2a", "floor_experts", "floor_dropless", "floor_a2a_dropless",
                               "floor_experts_dropless") if n in t]
@@ -502,6 +514,7 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
             ref = PEER_REF.get(n)
             ref = ref if ref in t else "ours_dropless"
             vs = f"{t[n] / t[ref]:.2f}x" if n in peers else ""
+            vs_cpu = f"{c[n] / c[ref]:.2f}x" if n in peers else ""
             mem = (f"{row['peak_mib'][n]:.1f} ({100 * row['memory_spread'][n]:.1f}%)"
                    if n in row["peak_mib"] else "")
             ex = f"{row['exchange_mib'][n]:.1f}" if n in row["exchange_mib"] else ""
@@ -517,13 +530,15 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
                         ("" if eq["pass"] else " **FAILED**")
                 if eq["deepspeed_renormalised"]:
                     same += " (renormalised)"
-            md.append(f"| {n} | {t[n]:.1f} | {vs} | {mem} | {ex} | {same} |")
+            md.append(f"| {n} | {t[n]:.1f} | {vs} | {c[n]:.1f} | {vs_cpu} | {mem} | {ex} | {same} |")
         md.append("")
         for lname in ("ours", "ours_dropless"):
             if f"{lname}_over_floor" in row:
-                md.append(f"- {lname}: {row[f'{lname}_over_floor']:.2f}x its floor")
+                md.append(f"- {lname}: {row[f'{lname}_over_floor']:.2f}x its floor "
+                          f"({row[f'{lname}_over_floor_cpu']:.2f}x in CPU time)")
         for p in peers:
-            md.append(f"- {p}: ours is **{row[f'speedup_vs_{p}']:.2f}x** faster, "
+            md.append(f"- {p}: ours is **{row[f'speedup_vs_{p}']:.2f}x** faster "
+                      f"({row[f'speedup_vs_{p}_cpu']:.2f}x in CPU time), "
                       f"{row[f'memory_ratio_vs_{p}']:.2f}x its peak memory")
         md.append("")
         cats = ["gemm", "exchange", "index/permute", "cast/copy", "elementwise", "other ops", "python/framework"]
@@ -537,7 +552,9 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
     for tg in report["targets"]:
         sym = ">=" if tg["kind"] == "min" else "<="
         verdict = "met" if tg["met"] else f"**missed by {100 * abs(tg['margin']):.0f}%**"
-        md.append(f"- {tg['target']} ({tg['dtype']}): {tg['value']:.2f} (target {sym} {tg['bound']}): {verdict}")
+        cpu = (f"; CPU time {tg['value_cpu_time']:.2f}: {'met' if tg['met_cpu_time'] else 'missed'}"
+               if tg["value_cpu_time"] is not None else "")
+        md.append(f"- {tg['target']} ({tg['dtype']}): {tg['value']:.2f} (target {sym} {tg['bound']}): {verdict}{cpu}")
     md += ["", "Peer notes:"]
     for n, notes in report["peer_notes"].items():
         md.append(f"- {n}: " + "; ".join(notes))
