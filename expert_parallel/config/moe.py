@@ -137,6 +137,12 @@ class MoEConfig:
     """Multiplies the routed experts' combine weights after any renormalisation
     (DeepSeek-V3: 2.5 with normalised sigmoid scores). 1.0 leaves them unchanged."""
 
+    num_redundant_experts: int = 0
+    """Extra physical expert slots over the EP group for replicas of hot experts (EPLB
+    style): ``P = num_experts + num_redundant_experts`` slots, ``P / ep_size`` per rank,
+    placed by ``moe/planner.py`` (``moe/placement.py``). Placement changes where experts
+    compute, never what the layer computes. 0 = one slot per expert, contiguous."""
+
     num_groups: int = 1
     """Group-limited routing (DeepSeek-V2/V3): the E experts form ``num_groups``
     contiguous groups of ``E / num_groups``; each token keeps its ``topk_groups`` best
@@ -299,6 +305,7 @@ class MoEConfig:
         elif self.topk_groups is not None:
             raise ValueError(f"topk_groups={self.topk_groups} is only used with num_groups > 1, "
                              f"got num_groups={self.num_groups}")
+        _check_int("num_redundant_experts", self.num_redundant_experts, 0)
         _check_int("num_shared_experts", self.num_shared_experts, 0)
         if self.shared_expert_ffn_hidden is not None:
             _check_int("shared_expert_ffn_hidden", self.shared_expert_ffn_hidden, 1)
@@ -317,6 +324,11 @@ class MoEConfig:
                              "router='noisy_topk' (its cv^2 importance + load loss has no per-sequence "
                              "or global-batch form here); use aux_loss_scope='micro_batch'")
         _check_choice("router_dtype", self.router_dtype, ROUTER_DTYPES)
+
+    @property
+    def num_slots(self) -> int:
+        """Physical expert slots over the EP group (``num_experts + num_redundant_experts``)."""
+        return self.num_experts + self.num_redundant_experts
 
     @property
     def shared_ffn_hidden(self) -> int:

@@ -11,8 +11,9 @@ routed / kept / dropped counts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +27,10 @@ from .capacity import plan_capacity
 from .dispatchers import NonFiniteRouterError, make_dispatcher
 from .balance import GlobalLoad
 from .experts import GroupedExperts
+from .permute import count_ids
+from .placement import PlacementTable, slots_for_pairs
+from .planner import plan_placement
+from .rebalance import move_slots, sync_replica_grads
 from .router import Router
 from .shared import SharedExperts
 from .stats import MoEStats, routing_summary
@@ -75,12 +80,13 @@ class MoELayer(nn.Module):
         setup_error: Optional[Exception] = None
         shapes: dict[str, list[int]] = {}
         try:
-            expert_ids = self.groups.local_expert_range(config.num_experts)
+            self.placement = initial_placement(config, self.groups)
             self.router = Router(config, seed=seed)
-            self.experts = GroupedExperts(config, expert_ids, seed=seed)
+            # This rank's slots; replicas of one expert start identical (seeded by its id).
+            self.experts = GroupedExperts(config, self.placement.local_experts(self.groups.ep_rank), seed=seed)
             # Replicated like the other dense parameters (its grads average over DP).
             self.shared = SharedExperts(config, seed=seed) if config.num_shared_experts else None
-            self.dispatcher = make_dispatcher(config, self.groups)
+            self.dispatcher = make_dispatcher(config, self.groups, num_slots=config.num_slots)
             self.global_load = (GlobalLoad(self.groups.dp_group, self.groups.world_size)
                                 if config.aux_loss_scope == "global_batch" else None)
             shapes = {n: list(t.shape) for n, t in [*self.named_parameters(), *self.named_buffers()]}
@@ -91,6 +97,7 @@ class MoELayer(nn.Module):
         check_consensus(
             f"MoE layer {name!r}",
             {**config.to_dict(), "ep_size": self.groups.ep_size, "param_shapes": shapes,
+             "placement": getattr(getattr(self, "placement", None), "fingerprint", lambda: None)(),
              "setup_error": None if setup_error is None else repr(setup_error)},
             self.groups.ep_group,
             list(self.groups.ep_ranks),
@@ -138,6 +145,11 @@ class MoELayer(nn.Module):
             capacity = cfg.capacity(num_tokens, self.training)
             plan = plan_capacity(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
                                  capacity, cfg.drop_policy, valid_TK=routing.valid_TK)
+        routing_slots = routing
+        if not self.placement.is_identity:  # capacity decided per expert; now pick replicas
+            with timer.phase("permute"):
+                routing_slots = dataclasses.replace(routing, topk_idx_TK=slots_for_pairs(
+                    routing.topk_idx_TK, plan.kept_TK, *self._placement_tensors(x_TD.device)))
         # Under autocast the experts compute in the autocast dtype anyway: cast the rows
         # before the exchange, so the all-to-all moves bf16 (half the bytes), not fp32.
         rows_TD = x_TD
@@ -153,7 +165,7 @@ class MoELayer(nn.Module):
         # Collectives issued inside are labelled with this layer's name (error messages).
         with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:
-                out_TD = self.dispatcher.run(rows_TD, routing, plan, self.experts,
+                out_TD = self.dispatcher.run(rows_TD, routing_slots, plan, self.experts,
                                              concurrent=shared_expert if overlap else None)
             except NonFiniteRouterError as err:
                 raise NonFiniteRouterError(
@@ -164,11 +176,11 @@ class MoELayer(nn.Module):
             out_TD = out_TD + shared["y"]
         out_TD = out_TD.to(x.dtype)
         with timer.phase("stats"):
-            stats = self._stats(plan, routing, capacity, num_tokens)
+            stats = self._stats(plan, routing, capacity, num_tokens, routing_slots)
         out_TD = timer.mark(out_TD, "begin")
         return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
 
-    def _stats(self, plan, routing, capacity, num_tokens) -> MoEStats:
+    def _stats(self, plan, routing, capacity, num_tokens, routing_slots) -> MoEStats:
         device = plan.routed_E.device
         if capacity is None:
             capacity_E = plan.routed_E.clone()
@@ -190,8 +202,57 @@ class MoELayer(nn.Module):
             lb_loss=routing.lb_loss.to(torch.float32),
             z_loss=routing.z_loss.to(torch.float32),
             num_ranks=scalar(1),
+            kept_slots_P=count_ids(torch.where(plan.kept_TK, routing_slots.topk_idx_TK, P),
+                                   P + 1)[:P] if (P := self.config.num_slots) else plan.kept_E,
             **routing_summary(routing),
         )
+
+    # -- placement ---------------------------------------------------------------------
+    def _placement_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = getattr(self, "_placement_cache", None)
+        if cache is None or cache[0] != (self.placement, device):
+            cache = ((self.placement, device), self.placement.tensors(device))
+            self._placement_cache = cache
+        return cache[1]
+
+    def check_placement(self, table: PlacementTable) -> None:
+        """Raise ``ValueError`` unless ``table`` fits this layer (pure, no collective)."""
+        if not isinstance(table, PlacementTable):
+            raise TypeError(f"{self.name}: placement must be a PlacementTable, got {type(table).__name__}")
+        want = (self.config.num_experts, self.groups.ep_size, self.config.num_slots)
+        if (table.num_experts, table.ep_size, table.num_slots) != want:
+            raise ValueError(f"{self.name}: placement has num_experts={table.num_experts}, ep_size="
+                             f"{table.ep_size}, {table.num_slots} slots; this layer needs {want[0]}, "
+                             f"{want[1]}, {want[2]} slots")
+
+    def set_placement(self, table: PlacementTable, state: Sequence[torch.Tensor] = ()) -> None:
+        """Re-place the experts (collective over the EP group): move every expert weight,
+        and the stacked per-slot ``state`` tensors (e.g. their AdamW moments), to the slots
+        of ``table``. Every rank must pass the same table: a disagreement raises the same
+        ``ValueError`` on all of them, before anything moves."""
+        self.check_placement(table)
+        check_consensus(f"MoE layer {self.name!r} placement", {"placement": table.to_json()},
+                        self.groups.ep_group, list(self.groups.ep_ranks))
+        if table == self.placement:
+            return
+        tensors = [p.data for p in self.experts.parameters()] + list(state)
+        with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
+            move_slots(tensors, self.placement, table, self.groups.ep_rank, self.groups.ep_group)
+        self.placement = table
+        self.experts.expert_ids = table.local_experts(self.groups.ep_rank)
+
+    def sync_replica_grads(self) -> None:
+        """Sum each replicated expert's gradient over its replicas (collective over the EP
+        group; after the expert-data-parallel reduction). No-op without replicas."""
+        grads = [p.grad for p in self.experts.parameters() if p.grad is not None]
+        with comm_scope(f"MoE layer {self.name!r}", direction="backward"):
+            sync_replica_grads(grads, self.placement, self.groups.ep_rank, self.groups.ep_group)
+
+    def slot_norm_weights(self) -> torch.Tensor:
+        """``1 / replicas`` of each local slot's expert: weights that count every logical
+        expert once in a global gradient norm summed over the EP group."""
+        n = self.placement.replica_counts()
+        return torch.tensor([1.0 / n[e] for e in self.experts.expert_ids], dtype=torch.float64)
 
     def start_global_batch(self) -> None:
         """``aux_loss_scope='global_batch'``: the following forwards (the micro-batches of
@@ -229,9 +290,11 @@ class MoELayer(nn.Module):
         sd = {f"router.{k}": v.detach().clone() for k, v in self.router.state_dict().items()}
         if self.shared is not None:
             sd.update({f"shared.{k}": v.detach().clone() for k, v in self.shared.state_dict().items()})
+        first = [self.placement.replicas(e)[0] for e in range(self.config.num_experts)]
         for name in self.expert_param_names():
             local = getattr(self.experts, name).detach()
-            sd[f"experts.{name}"] = torch.cat(all_gather_rows(local, self.groups.ep_group), 0)
+            slots = torch.cat(all_gather_rows(local, self.groups.ep_group), 0)  # [P, ...] slot order
+            sd[f"experts.{name}"] = slots if self.placement.is_identity else slots[first]
         return sd
 
     @torch.no_grad()
@@ -258,9 +321,21 @@ class MoELayer(nn.Module):
                     raise ValueError(
                         f"{self.name}: {key} has shape {tuple(src.shape)}, expected {full_shape}"
                     )
-                src = src[ids[0] : ids[-1] + 1] if ids else src[:0]
+                src = src[torch.tensor(ids, dtype=torch.long)] if ids else src[:0]
             elif tuple(src.shape) != tuple(dst.shape):
                 raise ValueError(
                     f"{self.name}: {key} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
                 )
             dst.copy_(src.to(dst.dtype))
+
+
+def initial_placement(config: MoEConfig, groups: ParallelGroups) -> PlacementTable:
+    """Identity without redundant slots; else the planner's table for a uniform load."""
+    R = groups.ep_size
+    if config.num_redundant_experts == 0:
+        return PlacementTable.identity(config.num_experts, R)
+    if R == 1:
+        raise ValueError(f"num_redundant_experts={config.num_redundant_experts} needs ep_size >= 2 "
+                         "(replicas live on distinct ranks), got ep_size=1")
+    return plan_placement([1.0] * config.num_experts, R, config.num_slots, groups.ranks_per_node,
+                          config.num_groups)

@@ -54,6 +54,15 @@ class MoEStats:
     """Sum over tokens of the entropy (nats) of the router distribution ``probs_TE``."""
     max_prob_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float32))
     """Sum over tokens of the largest router probability (router confidence)."""
+    kept_slots_P: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    """Kept pairs sent to each *physical* expert slot (``moe/placement.py``; equal to
+    ``kept_E`` without redundant experts). Slot p lives on EP rank ``p // (P / ep_size)``."""
+
+    def rank_load(self, ep_size: int) -> list[int]:
+        """Kept pairs per EP rank (from the slot loads; host values)."""
+        slots = self.kept_slots_P.tolist()
+        per = len(slots) // ep_size if ep_size else 0
+        return [sum(slots[r * per : (r + 1) * per]) for r in range(ep_size)]
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([getattr(self, f.name).reshape(-1).to(torch.float64) for f in fields(self)])

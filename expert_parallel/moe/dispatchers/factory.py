@@ -20,7 +20,7 @@ overlap_chunks > 1     ``OverlappedDispatcher``    wraps local / flat / hierarch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ...config import MoEConfig
 from .all_to_all import AllToAllDispatcher
@@ -31,9 +31,11 @@ from .overlapped import OverlappedDispatcher
 from .padded import PaddedDispatcher
 
 
-def make_dispatcher(config: MoEConfig, groups: Any) -> Dispatcher:
-    """The dispatcher a layer with ``config`` needs on ``groups``."""
-    E, raise_nf = config.num_experts, config.nonfinite_policy == "raise"
+def make_dispatcher(config: MoEConfig, groups: Any, num_slots: Optional[int] = None) -> Dispatcher:
+    """The dispatcher a layer with ``config`` needs on ``groups``. It moves pairs to
+    ``num_slots`` physical expert slots (default: one per expert); with a placement
+    table (``moe/placement.py``) the layer hands it slot ids instead of expert ids."""
+    E, raise_nf = num_slots or config.num_experts, config.nonfinite_policy == "raise"
     if config.static_shapes:
         return PaddedDispatcher(E, groups.ep_group, groups.ep_size)
     if groups.ep_size == 1:
