@@ -11,6 +11,8 @@
   trainer all-gathers and writes to ``deepspeed_replicas.jsonl``).
 * ZeRO shards: the dense fp32 master and Adam state are split 4 ways, the experts' 2 ways.
 * Stop at step 4 and resume: the continued losses equal the uninterrupted run's exactly.
+* Every file of a DeepSpeed checkpoint loads with ``weights_only=True`` and the engine's
+  allow-list; a planted optimizer file that would run code is refused on resume.
 
 The first DeepSpeed run on a CPU host JIT-compiles DeepSpeed's shm op (cached in
 ~/.cache/torch_extensions); the timeouts below leave room for that.
@@ -19,6 +21,7 @@ The first DeepSpeed run on a CPU host JIT-compiles DeepSpeed's shm op (cached in
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from expert_parallel.training.deepspeed_setup import safe_torch_load
 from tests.integration.launcher import REPO, TINY, TRAIN, clean_env, free_port, losses, metrics
+from tests.integration.test_checkpoint_safety import Payload
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -105,15 +110,14 @@ def test_zero_shards_dense_over_dp_and_experts_over_edp(runs, stage) -> None:
     """Per rank, the fp32 master shard (and Adam state) of each dense param group is 1/4
     of the group, of the expert group 1/2 (alignment padding aside)."""
     ckpt = runs[stage] / "checkpoints" / "step_00000006"
-    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module = safe_torch_load(str(ckpt / "mp_rank_00_model_states.pt"))  # weights_only=True
     shapes = module["param_shapes"]  # one dict per optimizer param group, in group order
     group_numels = [sum(torch.Size(s).numel() for s in g.values()) for g in shapes]
     is_expert = [all(".experts." in n for n in g) for g in shapes]
     assert not any(any(".experts." in n for n in g) for g, e in zip(shapes, is_expert) if not e)
     assert sorted(is_expert) == [False, False, True]  # dense decay / no-decay, experts (all matrices)
     for rank in range(4):
-        sd = torch.load(ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", map_location="cpu",
-                        weights_only=False)["optimizer_state_dict"]
+        sd = safe_torch_load(str(ckpt / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))["optimizer_state_dict"]
         assert sd["partition_count"] == [2 if e else 4 for e in is_expert]
         parts = [t.numel() for t in sd["single_partition_of_fp32_groups"]]
         for numel, part, expert in zip(group_numels, parts, is_expert):
@@ -160,3 +164,28 @@ def test_zero2_at_other_ep_sizes_matches_plain(runs, tmp_path, ep) -> None:
     assert sorted(got) == sorted(want)
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (ep, step)
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero2"])
+def test_every_deepspeed_file_loads_without_unpickling_code(runs, stage) -> None:
+    files = sorted((runs[stage] / "checkpoints" / "step_00000006").glob("*.pt"))
+    assert {f.name for f in files} >= {"mp_rank_00_model_states.pt", "zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                                       "extra_rank0.pt"}
+    for f in files:
+        safe_torch_load(str(f))  # raises UnsafeCheckpointError for anything but plain data
+
+
+def test_resume_refuses_a_planted_optimizer_file(runs, tmp_path) -> None:
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    shutil.copytree(runs["zero2"], out)
+    target = out / "checkpoints" / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    state = safe_torch_load(str(target))
+    state["evil"] = Payload(marker)
+    torch.save(state, target)
+    proc = run(4, out, *COMMON, "--max-steps", "8", "--resume", "--deepspeed", str(CONFIGS[2]),
+               check=False, timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-3000:]
+    lines = [line for line in text.splitlines() if "train.py: error: UnsafeCheckpointError:" in line]
+    assert len(lines) == 1 and "zero_pp_rank_1_mp_rank_00_optim_states.pt: refusing to load" in lines[0], text[-3000:]
+    assert not marker.exists() and "CollectiveError" not in text
