@@ -23,6 +23,7 @@ from torch import nn
 
 from ..distributed.groups import ParallelGroups
 from ..moe.experts import GroupedExperts
+from ..moe.layer import MoELayer
 
 
 def _flat_all_reduce(grads: list[torch.Tensor], group, divide_by: int) -> None:
@@ -65,12 +66,41 @@ def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return out
 
 
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
 def sync_gradients(model: nn.Module, groups: ParallelGroups) -> None:
-    """Average dense grads over DP and expert grads over EDP (see module docstring)."""
+    """Average dense grads over DP and expert grads over EDP (see module docstring);
+    then sum the replicas of each replicated expert over the EP group (placement tables
+    with redundant slots, ``moe/rebalance.py``), so every replica steps identically."""
     dense, expert = split_params(model)
     world = groups.world_size
     _flat_all_reduce(_grads(dense), groups.dp_group, world)
     _flat_all_reduce(_grads(expert), groups.edp_group, world)
+    for layer in moe_layers(model):
+        layer.sync_replica_grads()
+
+
+def _expert_sq(model: nn.Module, expert: list[nn.Parameter]) -> torch.Tensor:
+    """Squared norm of this rank's expert gradients, each logical expert counted once
+    over the EP group: a replica's slot weighs ``1 / replicas``."""
+    weights = {}
+    for layer in moe_layers(model):
+        w = layer.slot_norm_weights()
+        for p in layer.experts.parameters():
+            weights[id(p)] = w
+    total = torch.zeros((), dtype=torch.float64)  # 0-dim: adds to a tensor on any device
+    for p in expert:
+        if p.grad is None:
+            continue
+        sq = p.grad.double().square()
+        w = weights.get(id(p))
+        if w is None or p.dim() == 0:
+            total = total + sq.sum()
+        else:  # the weights are host-built: a non-blocking copy, no sync
+            total = total + (sq.reshape(p.shape[0], -1).sum(1) * w.to(sq.device, non_blocking=True)).sum()
+    return total
 
 
 def clip_grad_norm(model: nn.Module, groups: ParallelGroups, max_norm: float) -> float:
@@ -78,8 +108,7 @@ def clip_grad_norm(model: nn.Module, groups: ParallelGroups, max_norm: float) ->
     dense, expert = split_params(model)
     dense_sq = sum((p.grad.double().square().sum() for p in dense if p.grad is not None),
                    torch.zeros((), dtype=torch.float64))
-    expert_sq = sum((p.grad.double().square().sum() for p in expert if p.grad is not None),
-                    torch.zeros((), dtype=torch.float64))
+    expert_sq = _expert_sq(model, expert)
     device = dense[0].device if dense else torch.device("cpu")
     expert_sq = expert_sq.to(device)
     if groups.ep_group is not None:
