@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from benchmarks._common import add_dtype_arg  # noqa: E402
 from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
 from expert_parallel.training.options import parse_args  # noqa: E402
 from expert_parallel.training.trainer import run  # noqa: E402
@@ -58,6 +59,7 @@ def _measure(records: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    add_dtype_arg(parser)
     parser.add_argument("--out", default="benchmarks/results/balancing.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, flags in VARIANTS.items():
         with tempfile.TemporaryDirectory() as tmp:
             cfg = parse_args(["--max-steps", str(args.steps), "--out", tmp, "--tensorboard", "false",
-                              "--ckpt-every", "0", "--eval-every", str(args.steps), *flags])
+                              "--ckpt-every", "0", "--eval-every", str(args.steps), "--dtype", args.dtype,
+                              *flags])
             with contextlib.redirect_stdout(io.StringIO()):
                 summary = run(cfg, ParallelGroups.single(), torch.device("cpu"))
                 # (the final checkpoint is written into tmp and discarded)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "balancing",
         "command": " ".join([sys.executable, *sys.argv]),
-        "config": {"steps": args.steps, "variants": VARIANTS, "capacity_factor": 1.25},
+        "config": {"steps": args.steps, "variants": VARIANTS, "capacity_factor": 1.25, "dtype": args.dtype},
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "hardware": {"machine": platform.machine(), "cpus": os.cpu_count(), "processor": platform.processor()},
         "results": results,

@@ -248,11 +248,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dispatch-bytes", type=float, default=1.0 + 4 / 128, help="bytes per element (FP8+scales)")
     p.add_argument("--combine-bytes", type=float, default=2.0, help="bytes per element (BF16)")
     p.add_argument("--gpu-tflops", type=float, default=400.0, help="effective expert GEMM TFLOP/s")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="rows the modelled exchanges move: auto = the byte options above (a GPU "
+                        "cluster's bf16 run with DeepEP-style FP8 dispatch); bf16 = 2 bytes, fp32 = 4 "
+                        "bytes per element both ways (override --dispatch-bytes/--combine-bytes)")
     for f in Links.__dataclass_fields__.values():
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/cluster_model.json")
     a = p.parse_args(argv)
+    if a.dtype != "auto":
+        a.dispatch_bytes = a.combine_bytes = {"bf16": 2.0, "fp32": 4.0}[a.dtype]
     links = Links(**{f: getattr(a, f) for f in Links.__dataclass_fields__})
     shape = load_shape(a.profile)
     rows = [predict(n, a, links, shape, alg, tokens) for tokens in (a.tokens, a.small_tokens)

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks._common import timed_max  # noqa: E402
+from benchmarks._common import add_dtype_arg, precisions, timed_max  # noqa: E402
 from benchmarks.cluster_model import Links, exchange_time  # noqa: E402
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
 from expert_parallel.distributed.launch_env import init_distributed, shutdown  # noqa: E402
@@ -80,12 +80,13 @@ def link_tx_bytes() -> int:
 
 
 def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup: int,
-               count_link: bool = False) -> dict:
+               count_link: bool = False, dtype: str = "fp32") -> dict:
     """Per mode and iteration, the slowest rank's layer time (forward + backward), exchange
     time (dispatch + combine all-to-all, forward + backward, from the phase timer) and
     count-exchange time; plus the kept rows per expert summed over ranks and iterations
     (the measured traffic shape). Modes are interleaved iteration by iteration, so a load
     drift on a shared machine hits every mode alike."""
+    prec = precisions(dtype, x.device.type)[0]
     timers = {name: PhaseTimer(x.device) for name in layers}
     for name, layer in layers.items():
         layer.set_timer(timers[name])
@@ -99,8 +100,10 @@ def time_modes(layers: dict[str, MoELayer], x: torch.Tensor, iters: int, warmup:
             timer.collect()
             tx0 = link_tx_bytes() if count_link else 0
             t0 = time.perf_counter()
-            out = layer(x)
-            (out.output.float().square().mean() + out.aux_loss).backward()
+            with prec.autocast(x.device.type):
+                out = layer(x)
+                loss = out.output.float().square().mean() + out.aux_loss
+            loss.backward()
             elapsed = time.perf_counter() - t0
             ph = timer.collect()
             a2a = sum(ph.get(p, 0.0) + ph.get(p + ".bwd", 0.0) for p in EXCHANGE)
@@ -268,6 +271,7 @@ def main() -> None:
     p.add_argument("--count-link-bytes", action="store_true",
                    help="record the bytes each node sends on its non-loopback interfaces per "
                         "iteration (/proc/net/dev; on the emulated cluster: the inter-node link)")
+    add_dtype_arg(p)
     p.add_argument("--label", default="", help="free text recorded with the result (e.g. link rate)")
     p.add_argument("--out", default="benchmarks/results/dispatch_modes.json")
     args = p.parse_args()
@@ -287,7 +291,8 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(dist.get_rank())).requires_grad_(True)
         layers = {name: MoELayer(base.replace(**overrides), groups, seed=0)
                   for name, overrides in _modes(args.overlap_chunks, hierarchical).items()}
-        results = time_modes(layers, x, args.iters, args.warmup, args.count_link_bytes)
+        prec_name = precisions(args.dtype)[0].name  # the rows the exchanges move: bf16 or fp32
+        results = time_modes(layers, x, args.iters, args.warmup, args.count_link_bytes, args.dtype)
         flat = results["flat"]["median_s"]
         for r in results.values():
             r["ratio_vs_flat"] = r["median_s"] / flat
@@ -296,7 +301,7 @@ def main() -> None:
         if hierarchical:
             links = probe_links(groups, args.probe_bytes, 64, args.probe_reps)
             model = predict_exchange(links, rpn, world, results["flat"]["kept_E"], args.iters,
-                                     args.top_k, args.hidden * x.element_size())
+                                     args.top_k, args.hidden * (2 if prec_name == "bf16" else 4))
             model["probe"] = links
             for alg, pred in model["modes"].items():
                 pred["measured_exchange_s"] = results[alg]["median_exchange_s"]

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._common import environment, write_report  # noqa: E402
+from benchmarks._common import add_dtype_arg, environment, write_report  # noqa: E402
 from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
 from expert_parallel.moe import router as router_module  # noqa: E402
 from expert_parallel.moe.stats import MoEStats  # noqa: E402
@@ -92,7 +92,8 @@ def _evaluate(trainer: Trainer, cf: Optional[float], batches: int) -> dict:
     ce_sum, stats = 0.0, []
     for i in range(batches):
         x, y = trainer.val_sampler.batch(i, trainer.device)
-        out = model(x)
+        with trainer.engine.precision.autocast(trainer.device.type):  # as the launcher evaluates
+            out = model(x)
         ce_sum += float(F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1)))
         stats += list(out.stats.values())
     total = MoEStats.accumulate(stats)
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--zipf-s", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    add_dtype_arg(p)
     p.add_argument("--out", default="benchmarks/results/drop_vs_capacity.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = parse_args(["--max-steps", str(max(1, a.steps)), "--out", tmp, "--tensorboard", "false",
                               "--ckpt-every", "0", "--aux-loss-coeff", str(aux), "--seed", str(a.seed),
-                              "--capacity-factor", str(a.train_capacity_factor)])
+                              "--capacity-factor", str(a.train_capacity_factor), "--dtype", a.dtype])
             ctx = zipf_routing(cfg.model.moe.num_experts, a.zipf_s, a.seed + 7) \
                 if routing == "zipf" else contextlib.nullcontext()
             with ctx, contextlib.redirect_stdout(io.StringIO()):

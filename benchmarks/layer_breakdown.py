@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks._common import environment, median, spawn, write_report  # noqa: E402
+from benchmarks._common import add_dtype_arg, environment, median, precisions, spawn, write_report  # noqa: E402
 
 PHASE_ORDER = ("router", "permute", "count_exchange", "dispatch_a2a", "experts", "combine_a2a",
                "unpermute", "stats", "unattributed")
@@ -62,6 +62,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-ffn", type=int, default=2048)
     p.add_argument("--scaling-ep", type=int, default=2)
     p.add_argument("--scaling-iters", type=int, default=6)
+    add_dtype_arg(p)
     p.add_argument("--tiny", action="store_true", help="smoke size: a 2x2 grid, small layer")
     p.add_argument("--out", default="benchmarks/results/layer_breakdown.json")
     a = p.parse_args(argv)
@@ -87,11 +88,12 @@ def _points(a: argparse.Namespace, ep: int) -> list[dict]:
 
 
 def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
-            scaling_iters: int) -> list[dict]:
+            scaling_iters: int, dtype: str = "fp32") -> list[dict]:
     from expert_parallel import MoEConfig, MoELayer, ParallelGroups
     from expert_parallel.profiling.profiler import MoEProfiler, ProfilerConfig
 
     groups = ParallelGroups.build(world)
+    prec = precisions(dtype)[0]
     state = []
     for pt in points:
         cfg = MoEConfig(hidden_size=pt["hidden"], ffn_hidden_size=pt["ffn"], num_experts=pt["experts"],
@@ -118,8 +120,10 @@ def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
                 st["prof"].step_begin(step)
                 xx = st["x"].clone().requires_grad_(True)
                 t0, c0 = time.perf_counter(), time.process_time()
-                res = st["layer"](xx)
-                (res.output.square().mean() + res.aux_loss).backward()
+                with prec.autocast("cpu"):
+                    res = st["layer"](xx)
+                    loss = res.output.float().square().mean() + res.aux_loss
+                loss.backward()
                 dt, cdt = time.perf_counter() - t0, time.process_time() - c0
                 st["prof"].step_end(step, step_time_s=dt)
                 t = torch.tensor([dt, cdt], dtype=torch.float64)
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not points:
             continue
         t0 = time.perf_counter()
-        per_rank = spawn(_worker, ep, points, a.iters, a.warmup, a.scaling_iters, threads=1)
+        per_rank = spawn(_worker, ep, points, a.iters, a.warmup, a.scaling_iters, a.dtype, threads=1)
         for i, item in enumerate(per_rank[0]):
             pooled = [r for rank_out in per_rank for r in rank_out[i]["ratios"]]
             ratios = [sum(p for p, _ in pooled) / sum(m for _, m in pooled)] if pooled else []

@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ep-size", type=int, default=2)
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--out", default=RESULTS, help="directory for soak.{json,md,png}")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="the launcher's --dtype (auto = bf16 autocast where the CPU computes bf16 natively)")
     parser.add_argument("--train-args", default="",
                         help="extra launcher options, e.g. '--d-model 32 --n-layers 2'")
     args = parser.parse_args(argv)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
            f"--master_port={_free_port()}", os.path.join(REPO, "launch", "train.py"),
            "--ep-size", str(args.ep_size), "--max-steps", str(args.steps),
            "--ckpt-every", str(max(1, args.steps // 4)), "--eval-every", str(max(1, args.steps // 10)),
-           "--out", run_dir, *args.train_args.split()]
+           "--dtype", args.dtype, "--out", run_dir, *args.train_args.split()]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     t0 = time.monotonic()
