@@ -304,7 +304,7 @@ def test_layer_multi_rank_path(mode: str, ep: int, rank: int) -> None:
 
 NOISY_SYNCS = pytest.mark.xfail(strict=True, reason=(
     "noisy_topk: torch.distributions.Normal validates its arguments and every cdf input "
-    "with a host read (noisy_load in moe/balance.py / moe/router.py, the lead's modules): "
+    "with a host read (noisy_load in moe/balance.py, the lead's module): "
     "2 syncs per forward on CUDA; fix: Normal(0.0, 1.0, validate_args=False)"))
 
 
