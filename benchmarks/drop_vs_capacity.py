@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks._common import add_dtype_arg, environment, write_report  # noqa: E402
+from benchmarks._common import REPO, add_dtype_arg, environment, write_report  # noqa: E402
 from expert_parallel.distributed.groups import ParallelGroups  # noqa: E402
 from expert_parallel.moe import router as router_module  # noqa: E402
 from expert_parallel.moe.stats import MoEStats  # noqa: E402
@@ -45,10 +45,16 @@ from expert_parallel.training.options import parse_args  # noqa: E402
 from expert_parallel.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = {
-    "uniform, aux loss": ("uniform", 0.01),
-    "uniform, no aux loss": ("uniform", 0.0),
-    "zipf, aux loss": ("zipf", 0.01),
-    "zipf, no aux loss": ("zipf", 0.0),
+    "uniform, aux loss": ("uniform", 0.01, None),
+    "uniform, no aux loss": ("uniform", 0.0, None),
+    "zipf, aux loss": ("zipf", 0.01, None),
+    "zipf, no aux loss": ("zipf", 0.0, None),
+}
+DESIGNS = {
+    # Today's designs (issue 15): their own router, losses and shared experts; trained at
+    # the benchmark's capacity factor like the rows above.
+    "deepseek_tiny (E=64, k=6, groups, shared, sigmoid+bias), zipf": ("zipf", None, "launch/configs/deepseek_tiny.json"),
+    "qwen_tiny (E=32, k=4, gated shared, global-batch loss), zipf": ("zipf", None, "launch/configs/qwen_tiny.json"),
 }
 
 
@@ -113,17 +119,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--zipf-s", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--designs", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                   help="also run launch/configs/deepseek_tiny.json and qwen_tiny.json (true/false)")
     add_dtype_arg(p)
     p.add_argument("--out", default="benchmarks/results/drop_vs_capacity.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfs: list[Optional[float]] = [float(v) for v in a.capacity_factors.split(",")] + [None]
     results: dict[str, dict] = {}
-    for name, (routing, aux) in VARIANTS.items():
+    variants = dict(VARIANTS, **(DESIGNS if a.designs else {}))
+    for name, (routing, aux, design) in variants.items():
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = parse_args(["--max-steps", str(max(1, a.steps)), "--out", tmp, "--tensorboard", "false",
-                              "--ckpt-every", "0", "--aux-loss-coeff", str(aux), "--seed", str(a.seed),
-                              "--capacity-factor", str(a.train_capacity_factor), "--dtype", a.dtype])
+            extra = (["--config", os.path.join(REPO, design)] if design else []) + \
+                ([] if aux is None else ["--aux-loss-coeff", str(aux)])
+            cfg = parse_args(extra + ["--max-steps", str(max(1, a.steps)), "--out", tmp, "--tensorboard", "false",
+                                      "--ckpt-every", "0", "--seed", str(a.seed),
+                                      "--capacity-factor", str(a.train_capacity_factor), "--dtype", a.dtype])
             ctx = zipf_routing(cfg.model.moe.num_experts, a.zipf_s, a.seed + 7) \
                 if routing == "zipf" else contextlib.nullcontext()
             with ctx, contextlib.redirect_stdout(io.StringIO()):
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {**vars(a), "model": {"d_model": model_cfg.d_model, "n_layers": model_cfg.n_layers,
                                         "num_experts": model_cfg.moe.num_experts, "top_k": model_cfg.moe.top_k,
                                         "ffn": model_cfg.moe.ffn_hidden_size},
-                   "variants": {k: {"routing": r, "aux_loss_coeff": c} for k, (r, c) in VARIANTS.items()}},
+                   "variants": {k: {"routing": r, "aux_loss_coeff": c, "config": d}
+                                for k, (r, c, d) in variants.items()}},
         **environment(),
         "results": results,
     }

@@ -39,9 +39,16 @@ import torch.distributed as dist  # noqa: E402
 
 from benchmarks._common import add_dtype_arg, environment, median, precisions, spawn, write_report  # noqa: E402
 
-PHASE_ORDER = ("router", "permute", "count_exchange", "dispatch_a2a", "experts", "combine_a2a",
-               "unpermute", "stats", "unattributed")
+PHASE_ORDER = ("router", "permute", "count_exchange", "dispatch_a2a", "experts", "shared_expert",
+               "combine_a2a", "unpermute", "stats", "unattributed")
 CF_CHOICES = {"1.0": 1.0, "1.25": 1.25, "2.0": 2.0, "dropless": None}
+DESIGNS = {
+    # Today's designs (issue 15) at the grid's size: fine-grained experts with a large k.
+    "deepseek": dict(num_experts=64, top_k=6, ffn_div=8, router="sigmoid_topk", num_groups=8, topk_groups=4,
+                     routed_scaling_factor=2.5, num_shared_experts=1, activation="swiglu"),
+    "qwen": dict(num_experts=32, top_k=4, ffn_div=4, router="softmax_topk", normalize_topk=False,
+                 num_shared_experts=1, shared_expert_gate=True, activation="swiglu"),
+}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,6 +62,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--designs", default="deepseek,qwen", help="today's designs to add ('' = none)")
     p.add_argument("--scaling-experts", default="8,16,64")
     p.add_argument("--scaling-capacity-factors", default="1.25,dropless")
     p.add_argument("--scaling-tokens", type=int, default=4096)
@@ -68,6 +76,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.tiny:
         a.capacity_factors, a.ep_sizes, a.experts, a.top_k = "1.25,dropless", "1,2", "4", "2"
+        a.designs = "qwen"
         a.tokens, a.hidden, a.ffn, a.iters, a.warmup = 1024, 128, 512, 10, 1
         a.scaling_experts, a.scaling_capacity_factors = "4,8", "1.25"
         a.scaling_tokens, a.scaling_hidden, a.scaling_ffn, a.scaling_iters = 1024, 128, 512, 3
@@ -80,6 +89,13 @@ def _points(a: argparse.Namespace, ep: int) -> list[dict]:
         if int(e) % ep == 0:
             pts.append({"section": "grid", "cf": cf, "experts": int(e), "top_k": int(k), "ep": ep,
                         "tokens": a.tokens, "hidden": a.hidden, "ffn": a.ffn})
+    for name in filter(None, a.designs.split(",")):
+        d = DESIGNS[name]
+        if d["num_experts"] % ep == 0:
+            for cf in a.capacity_factors.split(","):
+                pts.append({"section": "designs", "design": name, "cf": cf, "experts": d["num_experts"],
+                            "top_k": d["top_k"], "ep": ep, "tokens": a.tokens, "hidden": a.hidden,
+                            "ffn": max(4, a.ffn // d["ffn_div"])})
     if ep == a.scaling_ep:
         for cf, e in itertools.product(a.scaling_capacity_factors.split(","), a.scaling_experts.split(",")):
             pts.append({"section": "scaling", "cf": cf, "experts": int(e), "top_k": 2, "ep": ep,
@@ -96,9 +112,11 @@ def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
     prec = precisions(dtype)[0]
     state = []
     for pt in points:
+        kw = dict(activation="gelu", router="switch" if pt["top_k"] == 1 else "softmax_topk")
+        if "design" in pt:
+            kw = {k: v for k, v in DESIGNS[pt["design"]].items() if k not in ("num_experts", "top_k", "ffn_div")}
         cfg = MoEConfig(hidden_size=pt["hidden"], ffn_hidden_size=pt["ffn"], num_experts=pt["experts"],
-                        top_k=pt["top_k"], capacity_factor=CF_CHOICES[pt["cf"]], activation="gelu",
-                        router="switch" if pt["top_k"] == 1 else "softmax_topk")
+                        top_k=pt["top_k"], capacity_factor=CF_CHOICES[pt["cf"]], **kw)
         layer = MoELayer(cfg, groups, seed=0)
         x = torch.randn(pt["tokens"], pt["hidden"], generator=torch.Generator().manual_seed(rank + 1))
         n = scaling_iters if pt["section"] == "scaling" else iters
@@ -107,7 +125,7 @@ def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
                       "measured": [], "slowest": [], "slowest_cpu": []})
     # Interleave the points of a section iteration by iteration (rotating the order), so
     # drift in the machine's load (other jobs on the 2 cores) hits every point alike.
-    for section in ("grid", "scaling"):
+    for section in ("grid", "designs", "scaling"):
         items = [st for st in state if st["pt"]["section"] == section]
         if not items:
             continue
@@ -196,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"EP={ep}: {len(points)} points in {time.perf_counter() - t0:.0f}s", flush=True)
     grid = [r for r in rows if r["section"] == "grid"]
     scaling = [r for r in rows if r["section"] == "scaling"]
+    designs = [r for r in rows if r["section"] == "designs"]
     growth, cpu_growth = {}, {}
     for cf in a.scaling_capacity_factors.split(","):
         pts = sorted((r for r in scaling if r["cf"] == cf), key=lambda r: r["experts"])
@@ -216,20 +235,25 @@ def main(argv: list[str] | None = None) -> dict:
     }
     md = [f"# MoE layer phase breakdown, forward+backward ({a.tokens} tokens/rank, D={a.hidden}, "
           f"F={a.ffn}, GELU experts, 1 thread/rank; ms, mean over ranks)", "",
-          "| cf | EP | E | k | layer ms | router | permute | count x | dispatch a2a | experts | "
+          "| cf | EP | E | k | layer ms | router | permute | count x | dispatch a2a | experts | shared | "
           "combine a2a | unpermute | stats | phases/measured | drop % | pad waste % | max/mean E | "
           "max/mean EP | a2a share |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def cell(r: dict, p: str) -> str:
         v = r["phases_ms"].get(p)
         return f"{v['forward_ms'] + v['backward_ms']:.2f}" if v else ""
 
-    for r in grid + scaling:
+    for r in grid + designs + scaling:
+        if r["section"] == "designs" and r is designs[0]:
+            md += ["", "Today's designs (`DESIGNS`: deepseek = E=64, k=6, F/8, 8 groups keep 4, sigmoid + "
+                   "scaling, 1 shared expert; qwen = E=32, k=4, F/4, gated shared expert; SwiGLU):", "",
+                   md[2], md[3]]
         if r["section"] == "scaling" and r is scaling[0]:
             md += ["", f"Expert scaling at {a.scaling_tokens} tokens/rank, D={a.scaling_hidden}, "
                    f"F={a.scaling_ffn}, k=2, EP={a.scaling_ep}:", "", md[2], md[3]]
-        md.append(f"| {r['cf']} | {r['ep']} | {r['experts']} | {r['top_k']} | {r['layer_ms']:.2f} | "
+        label = f"{r['design']} {r['cf']}" if "design" in r else r["cf"]
+        md.append(f"| {label} | {r['ep']} | {r['experts']} | {r['top_k']} | {r['layer_ms']:.2f} | "
                   + " | ".join(cell(r, p) for p in PHASE_ORDER[:-1])
                   + f" | {r['phase_sum_over_measured']:.3f} | {100 * r['drop_fraction']:.2f} | "
                   f"{100 * r['padding_waste_fraction']:.1f} | {r['experts_max_over_mean']:.2f} | "

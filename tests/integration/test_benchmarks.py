@@ -66,7 +66,9 @@ def test_drop_vs_capacity_tiny(tmp_path) -> None:
     report = _run("drop_vs_capacity.py", tmp_path / "d.json", "--steps", "2", "--eval-batches", "1",
                   "--capacity-factors", "0.5,1.0,2.0")
     results = report["results"]
-    assert set(results) == {"uniform, aux loss", "uniform, no aux loss", "zipf, aux loss", "zipf, no aux loss"}
+    assert set(results) == {"uniform, aux loss", "uniform, no aux loss", "zipf, aux loss", "zipf, no aux loss",
+                            "deepseek_tiny (E=64, k=6, groups, shared, sigmoid+bias), zipf",
+                            "qwen_tiny (E=32, k=4, gated shared, global-batch loss), zipf"}
     for cells in results.values():
         assert list(cells) == ["0.5", "1.0", "2.0", "dropless"]
         drops = [cells[c]["drop_fraction"] for c in cells]
