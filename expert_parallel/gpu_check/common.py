@@ -69,15 +69,35 @@ def result(status: str, summary: str, **figures: Any) -> dict:
     return {"status": status, "summary": summary, **figures}
 
 
+def _inside(frames: list) -> list:
+    return [f for f in frames if f.filename.startswith(str(PACKAGE_DIR)) and "gpu_check" not in f.filename]
+
+
 def package_site(tb: Any) -> str:
     """The innermost frame of a traceback inside this package (else the innermost)."""
     frames = traceback.extract_tb(tb)
-    inside = [f for f in frames if f.filename.startswith(str(PACKAGE_DIR)) and "gpu_check" not in f.filename]
+    inside = _inside(frames)
     frame = (inside or frames or [None])[-1]
     if frame is None:
         return "?"
     path = frame.filename[len(str(PACKAGE_DIR)) + 1:] if inside else frame.filename
     return f"{path}:{frame.lineno} ({frame.name})"
+
+
+def error_site(err: BaseException) -> str:
+    """``site: message`` of the first exception in ``err``'s chain raised inside this
+    package (a failed CUDA-graph capture re-raises from ``torch.cuda.graph.__exit__``,
+    hiding the line of ours that broke it in ``__context__``)."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in reversed(chain):  # the original first
+        if _inside(traceback.extract_tb(e.__traceback__)):
+            return f"{package_site(e.__traceback__)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    first = chain[0]
+    return f"{package_site(first.__traceback__)}: {str(first).splitlines()[0] if str(first) else type(first).__name__}"
 
 
 class Stopwatch:
@@ -193,5 +213,5 @@ def bf16_peak_tflops(name: Optional[str]) -> Optional[float]:
     return None
 
 
-__all__ = ["BF16_PEAK_TFLOPS", "Context", "REPO", "Stopwatch", "bf16_peak_tflops", "environment",
+__all__ = ["BF16_PEAK_TFLOPS", "Context", "REPO", "Stopwatch", "bf16_peak_tflops", "environment", "error_site",
            "make_context", "median", "package_site", "rel_err", "result", "step", "timed"]

@@ -21,7 +21,7 @@ import torch
 
 from ..config import MoEConfig
 from ..moe.layer import MoELayer
-from .common import Context, package_site, rel_err, result
+from .common import Context, error_site, rel_err, result
 
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-3}  # scatter-add atomics may reorder fp32 sums
 REPLAYS = 3
@@ -101,7 +101,7 @@ def capture_case(ctx: Context, precision: str, backend: str, tokens: int = 64) -
         replayer.capture(step)
     except RuntimeError as err:
         return {"precision": precision, "backend": backend, "status": "fail",
-                "detail": f"capture failed at {package_site(err.__traceback__)}: {str(err).splitlines()[0]}"}
+                "detail": f"capture failed at {error_site(err)}"}
     worst: dict[str, float] = {}
     for x, cot in data[1:]:
         with torch.no_grad():
@@ -139,8 +139,7 @@ def run(ctx: Context) -> dict:
             cases.append(capture_case(ctx, precision, backend))
         except Exception as err:  # noqa: BLE001 - e.g. the context poisoned by a failed capture
             cases.append({"precision": precision, "backend": backend, "status": "fail",
-                          "detail": f"{type(err).__name__} at {package_site(err.__traceback__)}: "
-                                    f"{str(err).splitlines()[0] if str(err) else ''}"})
+                          "detail": f"{type(err).__name__} at {error_site(err)}"})
         ctx.save_partial(result("error", f"died after {len(cases)} case(s)", cases=cases))
     failed = [c for c in cases if c["status"] != "pass"]
     how = "CUDA graph replays" if ctx.cuda else "dry run: eager re-runs stand in for graph replays"

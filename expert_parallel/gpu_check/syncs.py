@@ -32,7 +32,7 @@ from ..distributed.fake_group import fake_world
 from ..distributed.groups import ParallelGroups
 from ..moe.layer import MoELayer
 from ..profiling.host_sync import HOST_SYNCS, audit_host_traffic
-from .common import PACKAGE_DIR, Context, package_site, result
+from .common import PACKAGE_DIR, Context, error_site, result
 from .correctness import ROUTER_KWARGS
 
 STATIC = {"static_shapes": True, "nonfinite_policy": "count"}
@@ -110,8 +110,8 @@ def probe(ctx: Context, layer: MoELayer, bf16: bool, tokens: int = 64) -> dict:
         except RuntimeError as err:
             if "synchroniz" not in str(err):
                 raise
-            stray.append(f"error mode, {phase[0]}: {package_site(err.__traceback__)}")
-            sites.append(package_site(err.__traceback__))
+            stray.append(f"error mode, {phase[0]}: {error_site(err)}")
+            sites.append(error_site(err).split(": ", 1)[0])
         method = 'torch.cuda.set_sync_debug_mode("warn") to list, then "error" to confirm'
     else:
         with audit_host_traffic() as traffic:

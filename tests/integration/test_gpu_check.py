@@ -129,3 +129,22 @@ def test_a_check_past_its_time_limit_is_an_error() -> None:
                                        ("Some Future GPU", None), (None, None)])
 def test_bf16_peak_table(name, peak) -> None:
     assert bf16_peak_tflops(name) == peak
+
+
+def test_error_site_finds_our_line_behind_a_reraise() -> None:
+    # A failed CUDA-graph capture re-raises from torch.cuda.graph.__exit__; the report must
+    # still name the line of ours that broke the capture (found in __context__).
+    from expert_parallel.gpu_check.common import error_site
+    from expert_parallel.moe.permute import host_ints
+
+    class Exit:
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc) -> None:
+            raise RuntimeError("capture_end: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError) as info:
+        with Exit():
+            host_ints([1], "cuda:0")  # a str where a torch.device belongs: fails in permute.py
+    assert error_site(info.value).startswith("moe/permute.py:")
