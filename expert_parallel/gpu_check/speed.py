@@ -11,6 +11,9 @@
    ``deepspeed.moe.layer.MoE`` on the same weights, bf16 autocast; median
    forward + backward time of each, interleaved.
 
+``benchmarks/layer_breakdown.py`` and ``benchmarks/compare_deepspeed.py`` themselves spawn
+gloo ranks on CPU tensors, so this check runs their measurements (the ``MoEProfiler``
+phase breakdown; our layer vs DeepSpeed's on the same weights) in-process on the GPU.
 A part that cannot run (DeepSpeed missing, say) is reported with its reason and makes
 the check "fail", so a missing number is never silent.
 """
