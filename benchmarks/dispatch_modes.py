@@ -56,6 +56,22 @@ from expert_parallel.profiling.timer import NULL_TIMER, PhaseTimer  # noqa: E402
 EXCHANGE = ("dispatch_a2a", "combine_a2a")
 
 
+def _preset_modes(preset: str, hierarchical: bool, nodes: int, topk_groups: int) -> dict[str, dict]:
+    """``group_limited``: unrestricted vs node-limited routing (``num_groups`` = nodes) at
+    the same k; ``shared_overlap``: a shared expert computed after the routed experts vs
+    while the dispatch exchange is in flight. Flat, and hierarchical when it applies."""
+    algos = {"flat": {}, **({"hierarchical": {"a2a_algorithm": "hierarchical"}} if hierarchical else {})}
+    modes: dict[str, dict] = {}
+    for alg, over in algos.items():
+        if preset == "group_limited":
+            modes[alg] = over
+            modes[f"{alg}_group_limited"] = {**over, "num_groups": nodes, "topk_groups": topk_groups}
+        else:
+            modes[alg] = {**over, "num_shared_experts": 1, "shared_expert_overlap": False}
+            modes[f"{alg}_shared_overlap"] = {**over, "num_shared_experts": 1, "shared_expert_overlap": True}
+    return modes
+
+
 def _modes(overlap_chunks: list[int], hierarchical: bool) -> dict[str, dict]:
     modes: dict[str, dict] = {"flat": {}}
     for n in overlap_chunks:
@@ -188,7 +204,7 @@ def markdown(report: dict) -> list[str]:
            "forward wait time counts). Inter-node MB: bytes the node sent on its non-loopback "
            "interfaces during the iteration (`--count-link-bytes`, /proc/net/dev; TCP payload + headers), "
            "the slower node's."]
-    md += ["", "## Targets (issue: faster dispatch)", ""] + targets(results, model)
+    md += ["", f"## Targets (preset {cfg.get('preset', 'modes')})", ""] + targets(results, model)
     if model:
         pr = model["probe"]
         md += ["", "## Cluster model vs measurement", "",
@@ -217,7 +233,25 @@ def targets(results: dict, model: Optional[dict]) -> list[str]:
         out.append(f"- overlap layer time <= 0.85x flat: {best} {overlap[best]:.3f}x -> "
                    f"{'met' if overlap[best] <= 0.85 else 'MISSED'} ("
                    + ", ".join(f"{n} {v:.3f}x" for n, v in overlap.items()) + ")")
-    if "hierarchical" in results:
+    for alg in ("flat", "hierarchical"):
+        limited = results.get(f"{alg}_group_limited")
+        if limited is not None:
+            base = results[alg]
+            speed = base["median_s"] / limited["median_s"]
+            out.append(f"- {alg}: group-limited (topk_groups=1) layer time >= 1.3x faster than unrestricted at "
+                       f"the same k: {speed:.2f}x -> {'met' if speed >= 1.3 else f'MISSED by {100 * (1.3 - speed) / 1.3:.0f}%'}")
+            if base.get("median_link_bytes"):
+                share = limited["median_link_bytes"] / base["median_link_bytes"]
+                out.append(f"- {alg}: group-limited inter-node bytes <= topk_groups / nodes (+ side message) of "
+                           f"unrestricted: {share:.3f} of it -> {'met' if share <= 0.5 * 1.05 else 'MISSED'} "
+                           "(bound 0.5, 5% allowance for the side message and TCP headers)")
+        shared = results.get(f"{alg}_shared_overlap")
+        if shared is not None:
+            gain = results[alg]["median_s"] / shared["median_s"]
+            out.append(f"- {alg}: shared expert overlapped with the dispatch exchange: {gain:.3f}x the "
+                       "sequential layer time (> 1 = faster)")
+    if "hierarchical" in results and "hierarchical_group_limited" not in results \
+            and "hierarchical_shared_overlap" not in results:
         h = results["hierarchical"]["ratio_vs_flat"]
         out.append(f"- hierarchical faster than flat: {h:.3f}x -> {'met' if h < 1.0 else f'MISSED by {100 * (h - 1):.0f}%'}")
     if model:
@@ -263,6 +297,12 @@ def main() -> None:
     p.add_argument("--ranks-per-node", type=int, default=0,
                    help="ranks per node for the hierarchical mode (0 = LOCAL_WORLD_SIZE)")
     p.add_argument("--overlap-chunks", type=int, nargs="*", default=[2, 4])
+    p.add_argument("--preset", default="modes", choices=["modes", "group_limited", "shared_overlap"],
+                   help="modes: flat/overlap/hierarchical/static; group_limited: unrestricted vs "
+                        "node-limited routing (num_groups = nodes); shared_overlap: a shared expert "
+                        "sequential vs overlapped with the dispatch exchange")
+    p.add_argument("--topk-groups", type=int, default=1, help="group_limited preset: groups per token")
+    p.add_argument("--router", default="softmax_topk")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
@@ -284,13 +324,14 @@ def main() -> None:
         groups = ParallelGroups.build(world, ranks_per_node=rpn if hierarchical else 0)
         base = MoEConfig(hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
                          top_k=args.top_k, capacity_factor=args.capacity_factor,
-                         eval_capacity_factor=args.capacity_factor, activation="gelu")
+                         eval_capacity_factor=args.capacity_factor, activation="gelu", router=args.router)
         # The input needs a gradient, as inside a transformer: then the dispatch exchange has
         # a backward too (four exchanges per iteration, not three).
         x = torch.randn(args.tokens, args.hidden,
                         generator=torch.Generator().manual_seed(dist.get_rank())).requires_grad_(True)
-        layers = {name: MoELayer(base.replace(**overrides), groups, seed=0)
-                  for name, overrides in _modes(args.overlap_chunks, hierarchical).items()}
+        modes = (_modes(args.overlap_chunks, hierarchical) if args.preset == "modes" else
+                 _preset_modes(args.preset, hierarchical, world // rpn if hierarchical else 2, args.topk_groups))
+        layers = {name: MoELayer(base.replace(**overrides), groups, seed=0) for name, overrides in modes.items()}
         prec_name = precisions(args.dtype)[0].name  # the rows the exchanges move: bf16 or fp32
         results = time_modes(layers, x, args.iters, args.warmup, args.count_link_bytes, args.dtype)
         flat = results["flat"]["median_s"]
@@ -298,7 +339,7 @@ def main() -> None:
             r["ratio_vs_flat"] = r["median_s"] / flat
             r["exchange_ratio_vs_flat"] = r["median_exchange_s"] / max(results["flat"]["median_exchange_s"], 1e-12)
         model = None
-        if hierarchical:
+        if hierarchical and args.preset == "modes":
             links = probe_links(groups, args.probe_bytes, 64, args.probe_reps)
             model = predict_exchange(links, rpn, world, results["flat"]["kept_E"], args.iters,
                                      args.top_k, args.hidden * (2 if prec_name == "bf16" else 4))
