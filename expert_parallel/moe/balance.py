@@ -95,7 +95,7 @@ def noisy_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: tor
     # If e is in the top k now, it stays there while it beats the (k+1)-th value;
     # otherwise it must beat the k-th.
     threshold_in_T1, threshold_out_T1 = top_TJ[:, k : k + 1], top_TJ[:, k - 1 : k]
-    normal = torch.distributions.Normal(0.0, 1.0)
+    normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)  # checks would sync on CUDA
     prob_in_TE = normal.cdf((clean_TE - threshold_in_T1) / noise_std_TE)
     prob_out_TE = normal.cdf((clean_TE - threshold_out_T1) / noise_std_TE)
     return torch.where(noisy_TE > threshold_in_T1, prob_in_TE, prob_out_TE).sum(dim=0)
@@ -128,7 +128,7 @@ class GlobalLoad:
         if torch._C._current_graph_task_id() != -1 and self._pending:
             return self._pending.popleft()  # recompute under activation checkpointing
         local = torch.cat([counts_E.to(torch.float64),
-                           torch.tensor([float(num_tokens)], dtype=torch.float64, device=counts_E.device)])
+                           torch.full((1,), float(num_tokens), dtype=torch.float64, device=counts_E.device)])
         now = local.clone()
         if self.group is not None:
             CALL_COUNTS["all_reduce_load"] += 1

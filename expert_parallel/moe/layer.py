@@ -188,8 +188,8 @@ class MoELayer(nn.Module):
             capacity_E = torch.full_like(plan.routed_E, capacity)
         all_dropped = (plan.kept_TK.sum(-1) == 0).sum() if num_tokens else plan.routed_E.new_zeros(())
 
-        def scalar(v: Any) -> torch.Tensor:
-            return torch.as_tensor(v, dtype=torch.int64, device=device)
+        def scalar(v: int) -> torch.Tensor:  # a fill on the device: no host-to-device copy
+            return torch.full((), v, dtype=torch.int64, device=device)
 
         return MoEStats(
             routed_E=plan.routed_E,
