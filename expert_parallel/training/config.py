@@ -141,6 +141,20 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def flat_dict(self) -> dict:
+        """``{"model.moe.top_k": 2, ..., "lr": 0.003}``: one entry per leaf field (so a
+        cross-rank mismatch names the field, not a whole section)."""
+        def walk(obj: dict, prefix: str) -> dict:
+            out = {}
+            for key, value in obj.items():
+                if isinstance(value, dict):  # a nested config section
+                    out.update(walk(value, f"{prefix}{key}."))
+                else:
+                    out[prefix + key] = value
+            return out
+
+        return walk(self.to_dict(), "")
+
     def fingerprint(self, ignore: Sequence[str] = ("resume", "overwrite", "out")) -> str:
         blob = {k: v for k, v in self.to_dict().items() if k not in ignore}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]

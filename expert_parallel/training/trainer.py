@@ -78,7 +78,7 @@ class Trainer:
         if cfg.parallel.ep_size not in ("auto", groups.ep_size):
             raise ValueError(f"ep_size={cfg.parallel.ep_size} but the process groups have "
                              f"ep_size={groups.ep_size}")
-        check_consensus("run config", {**cfg.to_dict(), "out": None, "world_size": self.world},
+        check_consensus("run config", {**cfg.flat_dict(), "out": None, "world_size": self.world},
                         groups.dp_group)
         check_run_dir(cfg)  # reads only: identical on every rank
         self.data = load_data(cfg.data, cfg.model.vocab_size, cfg.model.seq_len)

@@ -16,13 +16,14 @@ from typing import Optional
 import pytest
 
 from expert_parallel import MoEConfig
-from expert_parallel.config import ParallelConfig
+from expert_parallel.config import ROUTERS, ParallelConfig
 from expert_parallel.models.transformer import ModelConfig
 from expert_parallel.moe.capacity_tuner import CapacityTunerConfig
 from expert_parallel.training.config import TrainConfig
 from expert_parallel.training.options import (build_config, config_from, field_docs, make_parser, options,
                                               parse_args)
 
+REPO = Path(__file__).resolve().parents[2]
 SECTIONS = {("model",): ModelConfig, ("model", "moe"): MoEConfig, ("parallel",): ParallelConfig,
             ("tuner",): CapacityTunerConfig, (): TrainConfig}
 
@@ -209,3 +210,31 @@ def test_config_from_takes_flat_and_sectioned_keywords() -> None:
     assert (cfg.model.moe.num_experts, cfg.model.moe.router) == (4, "switch")
     with pytest.raises(ValueError, match="unknown key 'num_expert'; did you mean 'num_experts'"):
         config_from(num_expert=4)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_is_reachable(router) -> None:
+    needs = {"switch": ["--top-k", "1"], "top_p": ["--top-p", "0.8"],
+             "sigmoid_topk": ["--bias-update-rate", "0.001"]}  # any other router: no extra option
+    cfg = parse_args(["--router", router, *needs.get(router, [])])
+    assert cfg.model.moe.router == router
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "launch" / "configs").glob("*.json")
+                                        if not p.name.startswith("ds_")), ids=lambda p: p.name)
+def test_shipped_launcher_configs_parse(path) -> None:
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.model.moe.hidden_size == cfg.model.d_model
+
+
+def test_two_node_config_asks_for_the_hierarchical_exchange() -> None:
+    cfg = parse_args(["--config", str(REPO / "launch" / "configs" / "two_nodes.json")])
+    assert (cfg.parallel.ep_size, cfg.model.moe.a2a_algorithm, cfg.model.moe.overlap_chunks) == (16, "hierarchical", 2)
+    # 2 nodes x 8 ranks: EP=16 spans both nodes, 8 ranks per node from the launcher.
+    assert cfg.parallel.resolve(cfg.model.moe.num_experts, 16, 8) == (16, 8)
+
+
+def test_consensus_payload_names_leaf_fields() -> None:
+    flat = config_from(num_experts=4, ep_size=2).flat_dict()
+    assert flat["model.moe.num_experts"] == 4 and flat["parallel.ep_size"] == 2 and "lr" in flat
+    assert not any(isinstance(v, dict) for v in flat.values())
