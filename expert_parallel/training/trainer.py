@@ -58,8 +58,7 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def describe_dispatch(model: MoETransformer) -> str:
     """Which dispatcher the MoE layers run (``Dispatcher.describe()``), e.g. ``all_to_all``."""
-    names = {getattr(layer.dispatcher, "describe", lambda d=layer.dispatcher: type(d).__name__)()
-             for layer in model.moe_layers().values()}
+    names = {layer.dispatcher.describe() for layer in model.moe_layers().values()}
     return ",".join(sorted(names)) or "none"
 
 
