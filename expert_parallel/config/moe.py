@@ -23,6 +23,7 @@ ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "topk_softmax", "noisy_topk
 GROUP_ROUTERS = ("softmax_topk", "switch", "sigmoid_topk", "topk_softmax")
 """Routers whose top-k selection can be limited to ``topk_groups`` groups."""
 AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
+A2A_ALGORITHMS = ("flat", "hierarchical", "allgather", "auto")
 ROUTER_DTYPES = ("fp32", "fp64")
 DROP_POLICIES = ("position", "probs")
 ACTIVATIONS = ("swiglu", "gelu", "swiglu_clamped")
@@ -116,7 +117,17 @@ class MoEConfig:
     """``flat``: one all-to-all over the EP group; ``hierarchical``: each token crosses
     the inter-node link once per destination node (to the rank with the sender's local
     index), then fans out over the node-local link; the combine sums per node before
-    crossing back (needs ``ParallelGroups`` built with ``ranks_per_node``)."""
+    crossing back (needs ``ParallelGroups`` built with ``ranks_per_node``);
+    ``allgather``: for small token counts (decoding), every rank's tokens padded to
+    ``allgather_max_tokens`` are all-gathered, experts run on the rows routed to them, a
+    reduce-scatter brings the sums home: two exchanges, no count exchange; ``auto``:
+    ``allgather`` while the previous forward held at most ``allgather_max_tokens``
+    tokens per rank, else ``flat`` (``moe/dispatchers/allgather.py``)."""
+
+    allgather_max_tokens: int = 32
+    """Tokens per rank the ``allgather`` / ``auto`` exchange pads to (a forward with more
+    runs the flat exchange). Default: the crossover ``benchmarks/decode_latency.py``
+    measured on the project's CPU machine (``benchmarks/results/decode_latency.md``)."""
 
     static_shapes: bool = False
     """Fixed-capacity padded dispatch: every (rank, expert) block is padded to the
@@ -258,7 +269,13 @@ class MoEConfig:
         _check_choice("expert_backend", self.expert_backend, EXPERT_BACKENDS)
         _check_int("overlap_chunks", self.overlap_chunks, 1)
         _check_choice("nonfinite_policy", self.nonfinite_policy, ("raise", "count"))
-        _check_choice("a2a_algorithm", self.a2a_algorithm, ("flat", "hierarchical"))
+        _check_choice("a2a_algorithm", self.a2a_algorithm, A2A_ALGORITHMS)
+        _check_int("allgather_max_tokens", self.allgather_max_tokens, 1)
+        if self.a2a_algorithm in ("allgather", "auto") and self.overlap_chunks > 1:
+            raise ValueError(
+                f"a2a_algorithm={self.a2a_algorithm!r} and overlap_chunks={self.overlap_chunks} cannot be "
+                "combined: the all-gather path is for a few tokens per rank, where there is nothing to "
+                "pipeline; use overlap_chunks=1, or a2a_algorithm='flat' to pipeline")
         if not isinstance(self.static_shapes, bool):
             raise TypeError(f"static_shapes must be a bool, got {self.static_shapes!r}")
         if self.static_shapes:
@@ -385,4 +402,4 @@ class MoEConfig:
 
 
 __all__ = ["MoEConfig", "ROUTERS", "GROUP_ROUTERS", "DROP_POLICIES", "ACTIVATIONS", "EXPERT_BACKENDS",
-           "AUX_LOSS_SCOPES", "ROUTER_DTYPES"]
+           "AUX_LOSS_SCOPES", "ROUTER_DTYPES", "A2A_ALGORITHMS"]

@@ -10,7 +10,9 @@ case passes vacuously.
 
 Modes: flat (EP=4), overlap (EP=2 x expert-DP 2, 3 chunks), hierarchical (EP=4 over two
 emulated 2-rank nodes), hierarchical + overlap (composed), static shapes (EP=4, padded;
-equal tokens per rank, as a static exchange needs).
+equal tokens per rank, as a static exchange needs), all-gather (every rank under the cap;
+and over it, where all ranks fall back to the flat exchange), auto (after a warm-up
+forward, the all-gather path).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
+from expert_parallel.distributed.collectives import CALL_COUNTS
 from tests.distributed import scenarios as sc
 from tests.harness import run_ranks
 
@@ -43,6 +46,12 @@ MODES = {
     "hierarchical_overlap": (4, 4, {"ranks_per_node": 2},
                              {"a2a_algorithm": "hierarchical", "overlap_chunks": 2}),
     "static": (4, 4, {}, {"static_shapes": True, "nonfinite_policy": "count"}),
+    # All-gather / reduce-scatter of padded tokens (decode-size batches): every rank fits...
+    "allgather": (4, 4, {}, {"a2a_algorithm": "allgather", "allgather_max_tokens": 20}),
+    # ... or one rank holds more than the cap: every rank runs the flat exchange instead.
+    "allgather_fallback": (4, 2, {}, {"a2a_algorithm": "allgather", "allgather_max_tokens": 12}),
+    # auto: a warm-up forward (flat) teaches every rank the token counts; then all-gather.
+    "auto": (4, 4, {}, {"a2a_algorithm": "auto", "allgather_max_tokens": 24}),
 }
 TOKENS = [13, 7, 20, 9]
 STATIC_TOKENS = [12, 12, 12, 12]
@@ -91,6 +100,9 @@ def batch(mode: str, rank: int, case: tuple) -> tuple[torch.Tensor, torch.Tensor
 def step(mode: str, case: tuple, rank: int, groups: Optional[ParallelGroups], overrides: dict) -> dict:
     layer = build(*case, overrides, groups)
     x, cot = batch(mode, rank, case)
+    if overrides.get("a2a_algorithm") == "auto":
+        with torch.no_grad():
+            layer(x)  # the first forward runs flat and records every rank's token count
     torch.manual_seed(7000 + rank)  # noisy_topk: the reference draws the same noise
     return sc.run_step(layer, x, cot)
 
@@ -105,6 +117,7 @@ def _worker(rank: int, world: int, mode: str) -> dict:
         res["dispatcher"] = build(*case, overrides, None).dispatcher.describe()
         out[case] = res
     out["describe"] = MoELayer(config("softmax_topk", "loop", "capacity", overrides), groups).dispatcher.describe()
+    out["fallbacks"] = CALL_COUNTS["allgather_fallback"]
     return out
 
 
@@ -124,8 +137,17 @@ def reference(mode: str, case: tuple, rank: int) -> dict:
 def test_mode_runs_the_dispatcher_it_names(mode: str) -> None:
     want = {"flat": "all_to_all", "overlap": "all_to_all+overlap(3)",
             "hierarchical": "hierarchical(ranks_per_node=2)",
-            "hierarchical_overlap": "hierarchical(ranks_per_node=2)+overlap(2)", "static": "padded"}
+            "hierarchical_overlap": "hierarchical(ranks_per_node=2)+overlap(2)", "static": "padded",
+            "allgather": "allgather(max_tokens=20)", "allgather_fallback": "allgather(max_tokens=12)",
+            "auto": "auto(allgather up to 24 tokens/rank, else all_to_all)"}
     assert all(r["describe"] == want[mode] for r in results(mode))
+
+
+def test_allgather_paths_really_ran() -> None:
+    """Not vacuous: the all-gather modes took their own path (or fell back) as meant."""
+    assert all(r["fallbacks"] == 0 for r in results("allgather"))
+    assert all(r["fallbacks"] == len(scenarios("allgather_fallback")) for r in results("allgather_fallback"))
+    assert all(r["fallbacks"] == 0 for r in results("auto"))
 
 
 CASES = [(m, c) for m in MODES for c in scenarios(m)]

@@ -20,7 +20,7 @@ The shared steps live in ``steps.py``; this module supplies only the order. Its 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -52,13 +52,16 @@ class AllToAllDispatcher(Dispatcher):
         return self.name
 
     # -- stages ----------------------------------------------------------------------
-    def route(self, routing: Routing, plan: CapacityPlan, num_chunks: int = 1) -> list[Chunk]:
-        """Kept pairs per chunk with the counts every rank agreed on (one host sync)."""
+    def route(self, routing: Routing, plan: CapacityPlan, num_chunks: int = 1,
+              carry: Optional[torch.Tensor] = None) -> list[Chunk]:
+        """Kept pairs per chunk with the counts every rank agreed on (one host sync);
+        ``carry`` (a few ints) rides in the count exchange to every peer."""
         return route_chunks(
             routing, plan, self.num_experts, num_chunks,
-            lambda kept_nE, nonfinite, _: exchange_flat_counts(kept_nE, nonfinite, self.group,
-                                                               self.ep_size),
-            self.timer, self.raise_on_nonfinite)
+            lambda kept_nE, nonfinite, rider: exchange_flat_counts(kept_nE, nonfinite, self.group,
+                                                                   self.ep_size, rider),
+            self.timer, self.raise_on_nonfinite,
+            local_extra=None if carry is None else (lambda bounds: ((), carry)))
 
     def start_dispatch(self, x_TD: torch.Tensor, chunk: Chunk, in_flight: bool = False):
         marks = not in_flight  # the pipelined schedule drops no inner marks (timer.py)

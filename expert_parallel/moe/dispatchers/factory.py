@@ -14,6 +14,11 @@ hierarchical           ``HierarchicalDispatcher``  needs ``ParallelGroups`` buil
                                                    ``ranks_per_node``; an EP group inside
                                                    one node runs the flat exchange and
                                                    says so in ``describe()``
+allgather              ``AllGatherDispatcher``     padded all-gather / reduce-scatter of
+                                                   up to ``allgather_max_tokens`` tokens
+                                                   per rank (flat beyond)
+auto                   ``AutoDispatcher``          allgather or flat, from the previous
+                                                   forward's token count (all ranks agree)
 overlap_chunks > 1     ``OverlappedDispatcher``    wraps local / flat / hierarchical
 =====================  ==========================  =====================================
 """
@@ -24,6 +29,7 @@ from typing import Any, Optional
 
 from ...config import MoEConfig
 from .all_to_all import AllToAllDispatcher
+from .allgather import AllGatherDispatcher, AutoDispatcher
 from .base import Dispatcher
 from .hierarchical import HierarchicalDispatcher
 from .local import LocalDispatcher
@@ -51,6 +57,10 @@ def make_dispatcher(config: MoEConfig, groups: Any, num_slots: Optional[int] = N
                                        name="all_to_all (hierarchical: EP group inside one node)")
         else:
             inner = HierarchicalDispatcher(E, groups, raise_on_nonfinite=raise_nf)
+    elif config.a2a_algorithm in ("allgather", "auto"):
+        flat = AllToAllDispatcher(E, groups.ep_group, groups.ep_size, raise_nf)
+        cls = AllGatherDispatcher if config.a2a_algorithm == "allgather" else AutoDispatcher
+        return cls(flat, config.allgather_max_tokens, raise_nf)
     else:
         inner = AllToAllDispatcher(E, groups.ep_group, groups.ep_size, raise_nf)
     if config.overlap_chunks > 1:

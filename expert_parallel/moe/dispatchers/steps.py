@@ -54,6 +54,8 @@ class CountTable:
     extra: tuple = ()
     """Per chunk, whatever else the sibling's exchange carried (hierarchical: the
     rank-to-rank and per-node tables); empty for the flat exchange."""
+    peer_ints: tuple = ()
+    """``[R][x]``: the ints each EP rank appended to the flat exchange (``carry``)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class Chunk:
     nonfinite_ranks: tuple[int, ...]
     extra: Any = None
     """The sibling's per-chunk facts (from ``CountTable.extra`` and ``local_extra``)."""
+    peer_ints: tuple = ()
+    """``CountTable.peer_ints``: what every EP rank carried in the count exchange."""
 
     @property
     def num_tokens(self) -> int:
@@ -105,31 +109,37 @@ def sort_pairs(routing: Routing, plan: CapacityPlan, num_experts: int,
 
 
 def exchange_flat_counts(kept_nE: torch.Tensor, nonfinite: torch.Tensor, group: Any,
-                         ep_size: int) -> CountTable:
+                         ep_size: int, carry: Optional[torch.Tensor] = None) -> CountTable:
     """The flat count exchange over ``group``: an all-to-all of ``[R, n*e + 1]`` blocks
     (row r: what this rank sends to each of rank r's experts per chunk, then this
     rank's NaN flag), so every rank learns every peer's flag in the same collective.
     ``group=None`` (EP=1): no collective. Host sync: exactly one ``tolist``, marked with
-    :func:`~expert_parallel.profiling.host_sync.host_sync`."""
+    :func:`~expert_parallel.profiling.host_sync.host_sync`. ``carry`` (int64 ``[x]``)
+    rides along to every peer (``CountTable.peer_ints``)."""
     n, num_experts = kept_nE.shape
     R, e = ep_size, num_experts // ep_size
+    carry = kept_nE.new_zeros(0) if carry is None else carry.to(kept_nE.dtype).reshape(-1)
+    x = carry.numel()
     if group is None:
         with host_sync("count_exchange"):
-            host = torch.cat([kept_nE.reshape(-1), nonfinite.reshape(1).to(kept_nE.dtype)]).tolist()
+            host = torch.cat([kept_nE.reshape(-1), nonfinite.reshape(1).to(kept_nE.dtype), carry]).tolist()
         kept = [tuple(host[c * num_experts : (c + 1) * num_experts]) for c in range(n)]
-        return CountTable(tuple(kept), tuple(kept), (0,) if host[-1] else ())
+        flag = host[n * num_experts]
+        return CountTable(tuple(kept), tuple(kept), (0,) if flag else (),
+                          peer_ints=(tuple(host[n * num_experts + 1 :]),))
     send_Rx = kept_nE.view(n, R, e).transpose(0, 1).reshape(R, n * e)
     flag_R1 = nonfinite.reshape(1, 1).expand(R, 1).to(send_Rx.dtype)
-    recv_Rx = all_to_all_counts(torch.cat([send_Rx, flag_R1], dim=1), group)
+    recv_Rx = all_to_all_counts(torch.cat([send_Rx, flag_R1, carry.expand(R, x)], dim=1), group)
     with host_sync("count_exchange"):  # the one sync
         host = torch.cat([kept_nE.reshape(-1), recv_Rx.reshape(-1)]).tolist()
     mine, theirs = host[: n * num_experts], host[n * num_experts :]
-    width = n * e + 1
+    width = n * e + 1 + x
     kept = tuple(tuple(mine[c * num_experts : (c + 1) * num_experts]) for c in range(n))
     recv = tuple(tuple(theirs[r * width + c * e + l] for r in range(R) for l in range(e))
                  for c in range(n))
     flags = tuple(r for r in range(R) if theirs[r * width + n * e])
-    return CountTable(kept, recv, flags)
+    peer = tuple(tuple(theirs[r * width + n * e + 1 : (r + 1) * width]) for r in range(R))
+    return CountTable(kept, recv, flags, peer_ints=peer)
 
 
 def raise_nonfinite(table: CountTable, raise_on_nonfinite: bool) -> None:
@@ -156,7 +166,7 @@ def split_chunks(order_P: torch.Tensor, table: CountTable, routing: Routing,
         extra = (table.extra[c] if table.extra else None,
                  local_extra[c] if local_extra else None)
         chunks.append(Chunk(bounds[c], bounds[c + 1], token_S, weight_P.index_select(0, pair_S),
-                            table.kept[c], table.recv[c], table.nonfinite_ranks, extra))
+                            table.kept[c], table.recv[c], table.nonfinite_ranks, extra, table.peer_ints))
     return chunks
 
 

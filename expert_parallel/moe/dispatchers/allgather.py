@@ -1,0 +1,197 @@
+"""All-gather dispatch for small token counts (decoding), with no count exchange.
+
+Legend: T tokens on this rank, C = ``allgather_max_tokens`` (the padded per-rank size),
+R EP ranks, K choices, e local experts (slots), D model dim, N local (token, expert) rows.
+
+At a handful of tokens per rank an MoE layer's exchanges are latency-bound: the flat
+path pays three round trips (count exchange, dispatch, combine). This one pays two and
+needs no count exchange, because its shapes are static: every rank pads its tokens to C
+rows and sends them, with their routing, to every EP rank (an all-gather, as one
+all-to-all with equal splits); each rank runs its experts on the gathered rows routed to
+them; the partial outputs go back to their source rank and are summed there (a
+reduce-scatter, again one equal-split all-to-all)::
+
+    x_pad [C, D] + side [C, 2K + 2] (weight, expert or sentinel, T, NaN flag)
+       ── all-to-all, splits C ──►  X [R*C, D], side [R*C, 2K+2]      (in flight together)
+    host read: rows per local expert + every rank's T and flag          (the one host sync)
+    local rows: stable sort of the gathered pairs by local expert  ->  experts  ->  y * w
+       index_add into out [R*C, D] (fp32)  ── all-to-all, splits C ──►  [R, C, D]  sum over R
+
+Capacity and drops are decided per source rank before the gather, as in every mode, so
+the stats are the same. Every rank learns every peer's T and NaN flag from the gathered
+side rows: non-finite logits raise on all ranks together, and a rank holding more than C
+tokens makes all ranks run that forward through the flat exchange instead (collectively,
+so nobody is left waiting).
+
+``a2a_algorithm="auto"`` (:class:`AutoDispatcher`): the all-gather path while the largest
+per-rank token count of the previous forward was at most C, the flat path otherwise; the
+flat count exchange carries each rank's T, so every rank holds the same history and
+takes the same path. The default C is the crossover measured by
+``benchmarks/decode_latency.py`` on this project's CPU machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ...distributed.collectives import CALL_COUNTS
+from ...profiling.host_sync import host_sync
+from ..capacity import CapacityPlan
+from ..permute import count_ids
+from ..router import Routing
+from .all_to_all import AllToAllDispatcher
+from .base import Dispatcher, DispatchMetadata, ExpertFn, NonFiniteRouterError
+from .steps import receive, send
+
+
+@dataclass(frozen=True)
+class GatherRoute:
+    """What the all-gather combine needs (``DispatchMetadata.route``)."""
+
+    rows_N: torch.Tensor
+    """Row of each local (token, expert) pair among the R*C gathered tokens."""
+    weight_N: torch.Tensor
+    capacity: int
+    num_tokens: int
+
+
+class AllGatherDispatcher(Dispatcher):
+    """All-gather / reduce-scatter dispatch of up to ``max_tokens`` tokens per rank;
+    falls back to ``flat`` (collectively) for a forward with more."""
+
+    def __init__(self, flat: AllToAllDispatcher, max_tokens: int, raise_on_nonfinite: bool = True) -> None:
+        self.flat, self.max_tokens, self.raise_on_nonfinite = flat, max_tokens, raise_on_nonfinite
+        self.ep_size, self.group = flat.ep_size, flat.group
+        self.num_experts, self.num_local = flat.num_experts, flat.num_local
+        self.rank = torch.distributed.get_rank(self.group) if self.group is not None else 0
+
+    @property
+    def timer(self) -> Any:  # type: ignore[override]
+        return self.flat.timer
+
+    @timer.setter
+    def timer(self, value: Any) -> None:
+        self.flat.timer = value
+
+    def describe(self) -> str:
+        return f"allgather(max_tokens={self.max_tokens})"
+
+    def gather(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
+        """Dispatch by all-gather; ``None`` when some rank holds more than C tokens."""
+        C, R, K, E, e = self.max_tokens, self.ep_size, routing.topk_idx_TK.shape[1], self.num_experts, self.num_local
+        T, timer = x_TD.shape[0], self.timer
+        with timer.phase("permute"):
+            fill = max(C - T, 0)
+            x_CD = torch.cat([x_TD[:C], x_TD.new_zeros(fill, x_TD.shape[-1])])
+            key_TK = torch.where(plan.kept_TK, routing.topk_idx_TK, torch.full_like(routing.topk_idx_TK, E))
+            w = routing.topk_weight_TK.to(torch.float64)
+            head = torch.stack([torch.full((T,), float(T), dtype=torch.float64, device=x_TD.device),
+                                routing.nonfinite.to(torch.float64).expand(T)], 1)
+            side_T = torch.cat([w, key_TK.to(torch.float64), head], 1)[:C]
+            pad = torch.cat([torch.zeros(fill, K, dtype=torch.float64, device=x_TD.device),
+                             torch.full((fill, K), float(E), dtype=torch.float64, device=x_TD.device),
+                             torch.tensor([[float(T), 0.0]], dtype=torch.float64, device=x_TD.device).expand(fill, 2)
+                             .contiguous() if fill else torch.zeros(0, 2, dtype=torch.float64, device=x_TD.device)], 1)
+            side_C = torch.cat([side_T, pad])
+            if T == 0:  # no token row to carry this rank's (empty) header: row 0 of the pad has it
+                side_C[:, 2 * K + 1] = routing.nonfinite.to(torch.float64)
+        splits = [C] * R
+        rows = send(x_CD.repeat(R, 1), splits, splits, self.group, "dispatch_a2a", timer, in_flight=True)
+        sides = send(side_C.repeat(R, 1), splits, splits, self.group, "dispatch_a2a", timer, in_flight=True)
+        X = receive(rows, timer)
+        S = receive(sides, timer)
+        with timer.phase("permute"):
+            key_NK = S[:, K : 2 * K].detach().to(torch.long)
+            mine = torch.div(key_NK, e, rounding_mode="floor") == self.rank
+            local_NK = torch.where(mine, key_NK - self.rank * e, torch.full_like(key_NK, e))
+            counts = count_ids(local_NK, e + 1)[:e]
+            peers = S.detach()[:: C, 2 * K :]  # one header per source rank (row 0 of its block)
+        with timer.phase("count_exchange"), host_sync("allgather_counts"):
+            host = torch.cat([counts.to(torch.float64), peers.reshape(-1)]).tolist()
+        counts_local = tuple(int(v) for v in host[:e])
+        tokens = [int(host[e + 2 * r]) for r in range(R)]
+        flags = tuple(r for r in range(R) if host[e + 2 * r + 1])
+        if flags and self.raise_on_nonfinite:
+            raise NonFiniteRouterError(f"router logits are NaN/Inf on EP rank(s) {list(flags)}")
+        if max(tokens) > C:
+            return None
+        with timer.phase("permute"):
+            order = torch.sort(local_NK.reshape(-1), stable=True).indices[: sum(counts_local)]
+            rows_N = torch.div(order, K, rounding_mode="floor")
+            weight_N = S[:, :K].reshape(-1).index_select(0, order).to(routing.topk_weight_TK.dtype)
+            x_ND = X.index_select(0, rows_N)
+        meta = DispatchMetadata(num_tokens=T, token_S=rows_N, weight_S=weight_N, input_splits=tuple(splits),
+                                output_splits=tuple(splits), counts_local=counts_local, unregroup_N=None,
+                                nonfinite_ranks=flags, out_dtype=x_TD.dtype,
+                                route=GatherRoute(rows_N, weight_N, C, T))
+        self.last_max_tokens = max(tokens)
+        return x_ND, meta
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
+        got = self.gather(x_TD, routing, plan)
+        if got is None:
+            CALL_COUNTS["allgather_fallback"] += 1
+            return self.flat.dispatch(x_TD, routing, plan)
+        return got
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+        if not isinstance(meta.route, GatherRoute):
+            return self.flat.combine(y_ND, meta)
+        r, R, timer = meta.route, self.ep_size, self.timer
+        with timer.phase("unpermute"):
+            acc = torch.promote_types(torch.float32, r.weight_N.dtype)
+            out = torch.zeros(R * r.capacity, y_ND.shape[-1], dtype=acc, device=y_ND.device)
+            out = out.index_add(0, r.rows_N, y_ND.to(acc) * r.weight_N.unsqueeze(-1)).to(y_ND.dtype)
+        splits = [r.capacity] * R
+        back = receive(send(out, splits, splits, self.group, "combine_a2a", timer), timer)
+        with timer.phase("unpermute"):
+            total = back.view(R, r.capacity, back.shape[-1]).to(acc).sum(0)
+            return total[: r.num_tokens].to(meta.out_dtype)
+
+
+class AutoDispatcher(Dispatcher):
+    """``a2a_algorithm="auto"``: all-gather while the previous forward's largest per-rank
+    token count was at most ``max_tokens``, flat otherwise (see the module docstring)."""
+
+    def __init__(self, flat: AllToAllDispatcher, max_tokens: int, raise_on_nonfinite: bool = True) -> None:
+        self.gathering = AllGatherDispatcher(flat, max_tokens, raise_on_nonfinite)
+        self.flat = flat
+        self.previous_max_tokens: Optional[int] = None  # the same on every rank
+
+    @property
+    def timer(self) -> Any:  # type: ignore[override]
+        return self.flat.timer
+
+    @timer.setter
+    def timer(self, value: Any) -> None:
+        self.flat.timer = value
+
+    def describe(self) -> str:
+        return f"auto(allgather up to {self.gathering.max_tokens} tokens/rank, else all_to_all)"
+
+    def _use_gather(self) -> bool:
+        return self.previous_max_tokens is not None and self.previous_max_tokens <= self.gathering.max_tokens
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
+        if self._use_gather():
+            got = self.gathering.gather(x_TD, routing, plan)
+            if got is not None:
+                self.previous_max_tokens = self.gathering.last_max_tokens
+                return got
+        carry = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
+        (chunk,) = self.flat.route(routing, plan, carry=carry)
+        self.previous_max_tokens = max(p[0] for p in chunk.peer_ints)
+        return self.flat.finish_dispatch(self.flat.start_dispatch(x_TD, chunk))
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
+        return self.gathering.combine(y_ND, meta)
+
+    def run(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan, experts: ExpertFn,
+            concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+        return Dispatcher.run(self, x_TD, routing, plan, experts, concurrent)
+
+
+__all__ = ["AllGatherDispatcher", "AutoDispatcher", "GatherRoute"]
