@@ -5,9 +5,13 @@ Legend: B batch, S sequence, D model dim, V vocabulary, H heads.
 Token + learned position embeddings, pre-norm blocks of causal self-attention (torch's
 ``scaled_dot_product_attention``) and a feed-forward block that is an expert-parallel
 :class:`~expert_parallel.MoELayer` (every layer or every ``moe_every``-th layer) or a dense
-GELU MLP. Dense parameters are replicated (data-parallel); expert parameters are the
-local shard of each MoE layer. Initial weights depend only on the seed, never on the EP
-size, so one seed gives one model at every EP size.
+GELU MLP (``moe_every=0``: all of them, a dense model). Dense parameters are replicated
+(data-parallel); expert parameters are the local shard of each MoE layer. Initial weights
+depend only on the seed, never on the EP size, so one seed gives one model at every EP size.
+
+Decoding: ``model(tokens, cache=KVCache.empty(...))`` appends the new tokens' keys and
+values to the cache and attends over everything cached so far, so a prompt is run once
+and each new token costs one position (``models/generation.py`` drives it).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ class ModelConfig:
     n_heads: int = 4
     """Attention heads; must divide d_model."""
     moe_every: int = 1
-    """1: every block's FFN is an MoE layer; 2: every other block (the rest dense)."""
+    """1: every block's FFN is an MoE layer; 2: every other block (the rest dense); 0: no
+    MoE layer at all, a dense model (every FFN a GELU MLP of ``dense_ffn_hidden``: the
+    baseline ``benchmarks/moe_vs_dense.py`` sets beside the MoE models)."""
     dense_ffn_hidden: int = 512
-    """Hidden size of the dense FFN blocks (when moe_every > 1)."""
+    """Hidden size of the dense FFN blocks (when moe_every > 1, or 0)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
     moe: MoEConfig = field(
@@ -56,7 +62,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name, minimum in (("vocab_size", 2), ("seq_len", 1), ("d_model", 1), ("n_layers", 1),
-                              ("n_heads", 1), ("moe_every", 1), ("dense_ffn_hidden", 1)):
+                              ("n_heads", 1), ("moe_every", 0), ("dense_ffn_hidden", 1)):
             _check_int(name, getattr(self, name), minimum)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
@@ -66,6 +72,8 @@ class ModelConfig:
             )
 
     def is_moe_layer(self, index: int) -> bool:
+        if self.moe_every == 0:  # a dense model
+            return False
         return index % self.moe_every == self.moe_every - 1
 
 
@@ -86,6 +94,28 @@ def _seeded_init(module: nn.Module, seed: int, tag: int, std: float) -> None:
                 p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
 
 
+class KVCache:
+    """Keys and values of every attention layer for ``batch`` sequences being decoded.
+
+    ``k[i]``, ``v[i]``: layer i's ``[B, H, seq_len, D/H]`` buffers, valid up to ``length``.
+    A forward with a cache writes its positions ``[length, length + S)`` in every layer,
+    then advances ``length`` by S (:meth:`MoETransformer.forward`)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        self.k, self.v, self.length = k, v, 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> "KVCache":
+        shape = (batch, cfg.n_heads, cfg.seq_len, cfg.d_model // cfg.n_heads)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)])
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -93,11 +123,20 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         b, s, d = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split(d, dim=-1)
         q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            start = cache.length
+            cache.k[layer][:, :, start : start + s] = k.to(cache.k[layer].dtype)
+            cache.v[layer][:, :, start : start + s] = v.to(cache.v[layer].dtype)
+            k, v = cache.k[layer][:, :, : start + s], cache.v[layer][:, :, : start + s]
+            # New query i sits at position start + i and sees keys 0 .. start + i.
+            mask = None if s == 1 else torch.ones(s, start + s, dtype=torch.bool, device=q.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -129,8 +168,8 @@ class Block(nn.Module):
         if not self.is_moe:
             _seeded_init(self.ffn, seed, 10 * index + 2, cfg.moe.init_std)
 
-    def forward(self, x_BSD: torch.Tensor):
-        x_BSD = x_BSD + self.attn(self.ln1(x_BSD))
+    def forward(self, x_BSD: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
+        x_BSD = x_BSD + self.attn(self.ln1(x_BSD), cache, layer)
         h = self.ln2(x_BSD)
         if self.is_moe:
             out = self.ffn(h)
@@ -157,22 +196,27 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> dict[str, MoELayer]:
         return {b.ffn.name: b.ffn for b in self.layers if b.is_moe}
 
-    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: Optional[KVCache] = None) -> ModelOutput:
+        """Logits for ``tokens_BS``; with a ``cache`` they continue the cached sequences
+        (positions ``cache.length ...``) and the cache advances by S."""
         b, s = tokens_BS.shape
-        if s > self.cfg.seq_len:
-            raise ValueError(f"sequence length {s} exceeds seq_len={self.cfg.seq_len}")
-        pos = torch.arange(s, device=tokens_BS.device)
+        start = 0 if cache is None else cache.length
+        if start + s > self.cfg.seq_len:
+            raise ValueError(f"sequence length {start + s} exceeds seq_len={self.cfg.seq_len}")
+        pos = torch.arange(start, start + s, device=tokens_BS.device)
         x_BSD = self.tok_emb(tokens_BS) + self.pos_emb(pos)
         aux = torch.zeros((), device=x_BSD.device, dtype=torch.float32)
         stats: dict[str, MoEStats] = {}
-        for block in self.layers:
-            if self.cfg.activation_checkpointing and self.training:
+        for i, block in enumerate(self.layers):
+            if self.cfg.activation_checkpointing and self.training and cache is None:
                 x_BSD, a, st = checkpoint(block, x_BSD, use_reentrant=False)
             else:
-                x_BSD, a, st = block(x_BSD)
+                x_BSD, a, st = block(x_BSD, cache, i)
             if a is not None:
                 aux = aux + a
                 stats[block.ffn.name] = st
+        if cache is not None:
+            cache.length += s
         logits = self.head(self.ln_f(x_BSD))
         return ModelOutput(logits=logits, aux_loss=aux, stats=stats)
 
