@@ -39,12 +39,13 @@ ranks, exchange buffers reported beside it. Phases: one profiled iteration per r
     DS_ACCELERATOR=cpu nice -n 10 python benchmarks/compare_peers.py                 # target config
     python benchmarks/compare_peers.py --capacity-factor 2.0 --out benchmarks/results/compare_peers_cf2.json
     python benchmarks/compare_peers.py --tokens 128 --hidden 32 --ffn 64 --iters 2 --out /tmp/p.json  # smoke
+    python benchmarks/compare_peers.py --render benchmarks/results/compare_peers.json   # md + png again
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import sys
 
@@ -373,7 +374,22 @@ TARGETS = {"speedup_vs_torchtitan_min": 1.4, "layer_over_floor_max_bf16": 1.15,
 PEER_REF = {"deepspeed": "ours", "torchtitan": "ours_dropless", "transformers": "ours_dropless"}
 
 
+def render(path: str) -> dict:
+    """Re-write ``<stem>.md`` and ``<stem>.png`` from a result JSON (no measurement)."""
+    with open(path) as fh:
+        report = json.load(fh)
+    a = argparse.Namespace(**report["config"])
+    peers = [n for n in a.peers if n not in report["missing_peers"]]
+    md = _markdown(a, report, report["by_dtype"], peers)
+    write_report(path, report, md, lambda plt: _plot(plt, report["by_dtype"], a.capacity_factor, a.ep))
+    return report
+
+
 def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark: str = "compare_peers") -> dict:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--render"]:
+        return render(argv[1])
     a = _args(argv, defaults)
     if a.experts % a.ep:
         raise ValueError(f"--experts={a.experts} must be divisible by --ep={a.ep}")
@@ -459,7 +475,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
         report["speedup_vs_deepspeed"] = prim["speedup_vs_deepspeed"]
         report["memory_ratio_vs_deepspeed"] = prim["memory_ratio_vs_deepspeed"]
     md = _markdown(a, report, by_dtype, peers)
-    write_report(a.out, report, md, lambda plt: _plot(plt, by_dtype, cf))
+    write_report(a.out, report, md, lambda plt: _plot(plt, by_dtype, cf, a.ep))
     print("\n".join(md), flush=True)
     return report
 
@@ -569,18 +585,21 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
     return md
 
 
-def _plot(plt, by_dtype: dict, cf) -> None:
-    fig, axes = plt.subplots(1, len(by_dtype), figsize=(6 * len(by_dtype), 3.6), squeeze=False)
+def _plot(plt, by_dtype: dict, cf, ep: int) -> None:
+    fig, axes = plt.subplots(1, len(by_dtype), figsize=(6.5 * len(by_dtype), 3.8), squeeze=False)
     for ax, (d, row) in zip(axes[0], by_dtype.items()):
-        t = row["times_ms"]
+        t, c = row["times_ms"], {k: v / ep for k, v in row["cpu_ms"].items()}
         labels = [n for n in t if not n.startswith("floor")]
-        ax.barh(labels, [t[n] for n in labels], color="C0")
-        for suffix, label in (("", "floor"), ("_dropless", "floor_dropless")):
-            if f"floor{suffix}" in t:
-                ax.barh([label], [t[f"floor_experts{suffix}"]], color="C2")
-                ax.barh([label], [t[f"floor_a2a{suffix}"]], left=[t[f"floor_experts{suffix}"]], color="C3")
-        ax.set_xlabel("ms per forward+backward (slowest rank, median)")
-        ax.set_title(f"{d}, cf {cf if cf is not None else 'dropless'} (floor: GEMMs green, a2a red)")
+        labels += [n for n in ("floor", "floor_dropless") if n in t]
+        y = range(len(labels))
+        ax.barh([i + 0.2 for i in y], [t[n] for n in labels], height=0.4, color="C0",
+                label="wall (slowest rank)")
+        ax.barh([i - 0.2 for i in y], [c[n] for n in labels], height=0.4, color="C1",
+                label="CPU per rank")
+        ax.set_yticks(list(y), labels)
+        ax.set_xlabel("ms per forward+backward (median)")
+        ax.set_title(f"{d}, cf {cf if cf is not None else 'dropless'}")
+        ax.legend(loc="lower right", fontsize=8)
 
 
 if __name__ == "__main__":
