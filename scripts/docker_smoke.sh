@@ -74,6 +74,7 @@ cleanup() {
   for pid in $(pgrep -f "$WORK/" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   # Leftover overlay/shm mounts under the data root (only after an unclean stop).
   grep -o " $WORK/[^ ]*" /proc/self/mounts | sort -r | while read -r m; do umount -l "$m"; done
+  rm -f "$CACHE"/base-*."$$".partial  # an interrupted base tarball
   if [ "$KEEP" -eq 1 ]; then
     echo "work directory kept: $WORK"
   else
@@ -163,7 +164,8 @@ if [ "$FRESH" -eq 1 ] || [ ! -s "$BASE_TAR" ]; then
     >>"$LOGS/torch.log" 2>&1 || { umount "$ROOTFS/tmp/wheels"; fail "installing torch in the base failed" "$LOGS/torch.log"; }
   umount "$ROOTFS/tmp/wheels"
   rm -rf "$ROOTFS/tmp/wheels" "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
-  tar -C "$ROOTFS" -cf "$BASE_TAR.partial" . && mv "$BASE_TAR.partial" "$BASE_TAR"
+  # Written aside and renamed: a concurrent or interrupted run never sees half a tarball.
+  tar -C "$ROOTFS" -cf "$BASE_TAR.$$.partial" . && mv "$BASE_TAR.$$.partial" "$BASE_TAR"
   rm -rf "$ROOTFS"
 else
   say "base root file system from the cache ($BASE_TAR)"
