@@ -1,7 +1,9 @@
 """Rank-0 reporting for the launcher: progress lines, metrics.jsonl, TensorBoard,
 ``summary.json`` and a PNG report (loss curves, drop rate per layer, tokens-per-expert
-heatmap, routing entropy and dead experts over steps). Other ranks construct a silent
-logger. All plotting lives here (matplotlib is imported only when a report is drawn).
+heatmap, routing entropy and dead experts over steps; below them where each step's time
+went, stacked by phase, and each rank's mean step by phase with the slowest rank named;
+the model's sample text as the title). Other ranks construct a silent logger. All
+plotting lives here (matplotlib is imported only when a report is drawn).
 
 Nothing is written before :meth:`RunLogger.start` (the trainer calls it once the run
 directory and the resume checks have passed, so a refused run leaves no trace).
@@ -18,6 +20,65 @@ from typing import Any, Optional
 
 from ..moe.metrics import CollapseConfig, CollapseTracker
 from .config import TrainConfig
+
+STEP_PHASES = (("router", ("router",)), ("permute", ("permute",)), ("count exchange", ("count_exchange",)),
+               ("dispatch", ("dispatch_a2a",)), ("experts", ("experts", "shared_expert")),
+               ("combine", ("combine_a2a",)), ("unpermute", ("unpermute",)))
+"""The report's phase groups: (label, timer phases summed forward + backward, over every MoE
+layer). The rest of the step (attention, dense layers, loss, optimizer, gradient sync,
+routing stats) is ``rest of step``."""
+EXCHANGE_GROUPS = ("count exchange", "dispatch", "combine")
+"""Groups that are communication: a rank's time outside them is its own work ("busy")."""
+
+
+def _color(label: str) -> str:
+    """One colour per phase group in both panels (rest of step grey)."""
+    labels = [lab for lab, _ in STEP_PHASES]
+    return "0.6" if label not in labels else f"C{labels.index(label)}"
+
+
+def phase_groups(phases: dict, step_time_s: float) -> dict[str, float]:
+    """Seconds per :data:`STEP_PHASES` group of one step's timer phases (``PhaseTimer.collect``:
+    ``name`` forward, ``name.bwd`` backward), plus ``rest of step``."""
+    out = {label: sum(phases.get(n, 0.0) + phases.get(n + ".bwd", 0.0) for n in names)
+           for label, names in STEP_PHASES}
+    out["rest of step"] = max(0.0, step_time_s - sum(out.values()))
+    return out
+
+
+def plot_phases(records: list[dict], ax: Any) -> None:
+    """Stacked time per step by phase group (this rank's timer, rank 0)."""
+    rows = [r for r in records if "phases_s" in r and "step_time_s" in r]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    groups = [phase_groups(r["phases_s"], r["step_time_s"]) for r in rows]
+    labels = list(groups[0])
+    ax.stackplot(steps, *[[1e3 * g[k] for g in groups] for k in labels], labels=labels,
+                 colors=[_color(k) for k in labels], step="mid")
+    ax.set(title="step time by phase (rank 0, all MoE layers, fwd + bwd)", xlabel="step", ylabel="ms")
+    ax.legend(fontsize=7, loc="upper left", ncol=4)
+
+
+def plot_ranks(per_rank: Optional[dict], ax: Any) -> None:
+    """Each rank's mean step time by phase group (``per_rank``: ``{"phases_s": {group:
+    [seconds per rank]}, "steps": n}``), the slowest rank (most busy time) named."""
+    if not per_rank or not per_rank.get("phases_s"):
+        ax.set_axis_off()
+        return
+    groups = per_rank["phases_s"]
+    ranks = list(range(len(next(iter(groups.values())))))
+    bottom = [0.0] * len(ranks)
+    for label, values in groups.items():
+        ms = [1e3 * v for v in values]
+        ax.bar([str(r) for r in ranks], ms, bottom=bottom, label=label, color=_color(label))
+        bottom = [b + v for b, v in zip(bottom, ms)]
+    busy = [sum(v[r] for k, v in groups.items() if k not in EXCHANGE_GROUPS) for r in ranks]
+    slow = max(ranks, key=lambda r: busy[r])
+    mean = sum(busy) / len(busy)
+    ax.set(title=f"mean step per rank: slowest rank {slow} (own work {1e3 * busy[slow]:.1f} ms vs mean "
+                 f"{1e3 * mean:.1f} ms)", xlabel="rank", ylabel="ms")
+    ax.legend(fontsize=7)
 
 
 def plot_collapse(records: list[dict], ax_entropy: Any, ax_dead: Any) -> None:
@@ -140,20 +201,26 @@ class RunLogger:
             "collapse": self.collapse.summary(),
             **summary_fields,
         }
-        summary["report_png"] = self.plot()
+        sample = summary.get("sample") or {}
+        summary["report_png"] = self.plot(summary.get("per_rank"),
+                                          (sample.get("prompt", "") + sample.get("text", "")) or None)
         path = os.path.join(self.cfg.out, "summary.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
             json.dump(summary, fh, indent=1)
         os.replace(tmp, path)
+        if sample:
+            print(f"sample:  {sample.get('prompt', '') + sample.get('text', '')!r}", flush=True)
         print(f"metrics: {self.metrics_path}", flush=True)
         print(f"summary: {path}", flush=True)
         if summary["report_png"]:
             print(f"report:  {summary['report_png']}", flush=True)
         return summary
 
-    def plot(self) -> Optional[str]:
-        """Loss curves, drop rate per layer, tokens-per-expert heatmap (first MoE layer)."""
+    def plot(self, per_rank: Optional[dict] = None, sample: Optional[str] = None) -> Optional[str]:
+        """Loss curves, drop rate per layer, tokens-per-expert heatmap (first MoE layer),
+        routing collapse; time by phase per step and per rank (``per_rank``, see
+        :func:`plot_ranks`); ``sample`` (prompt + generated text) as the title."""
         try:
             import matplotlib
 
@@ -167,7 +234,9 @@ class RunLogger:
         if not records:
             return None
         steps = [r["step"] for r in records]
-        fig, axes = plt.subplots(1, 5, figsize=(26, 4.5))
+        fig = plt.figure(figsize=(26, 9.5))
+        layout = fig.add_gridspec(2, 5)
+        axes = [fig.add_subplot(layout[0, i]) for i in range(5)]
         axes[0].plot(steps, [r["loss"] for r in records], label="train")
         val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
         if val:
@@ -187,6 +256,10 @@ class RunLogger:
             axes[2].set(title=f"tokens per expert ({first})", xlabel="step", ylabel="expert")
             fig.colorbar(im, ax=axes[2])
         plot_collapse(records, axes[3], axes[4])  # routing entropy, dead experts per layer
+        plot_phases(records, fig.add_subplot(layout[1, :3]))
+        plot_ranks(per_rank, fig.add_subplot(layout[1, 3:]))
+        if sample:
+            fig.suptitle(f"sample: {sample!r}"[:200], fontsize=10, family="monospace")
         fig.tight_layout()
         path = os.path.join(self.cfg.out, "report.png")
         fig.savefig(path, dpi=90)
