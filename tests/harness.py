@@ -21,7 +21,10 @@ from expert_parallel.distributed.local_ranks import run_local_ranks
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list:
     """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks, 1 thread each, every
     collective bounded by 60 s (see :func:`expert_parallel.distributed.local_ranks.run_local_ranks`)."""
-    return run_local_ranks(fn, world_size, *args, threads=1, timeout=timeout, group_timeout_s=60.0)
+    from expert_parallel.moe.stats import MoEStats
+
+    return run_local_ranks(fn, world_size, *args, threads=1, timeout=timeout, group_timeout_s=60.0,
+                           safe_types=(MoEStats,))
 
 
 HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy")

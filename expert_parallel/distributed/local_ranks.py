@@ -18,7 +18,7 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,11 +43,13 @@ def _rank_main(rank: int, world: int, tmpdir: str, threads: int, group_timeout_s
 
 
 def run_local_ranks(fn: Callable, world: int, *args: Any, threads: int = 1, timeout: float = 300.0,
-                    group_timeout_s: float = 60.0) -> list:
+                    group_timeout_s: float = 60.0, safe_types: Sequence[type] = ()) -> list:
     """``[fn(0, world, *args), ..., fn(world-1, world, *args)]``, each on its own process.
 
     ``fn`` must be importable (module level) since processes are spawned; ``threads`` sets
-    each rank's intra-op threads; ``group_timeout_s`` bounds every collective."""
+    each rank's intra-op threads; ``group_timeout_s`` bounds every collective. Results are
+    read back with ``torch.load(weights_only=True)``: tensors, containers and primitives,
+    plus the classes in ``safe_types`` (e.g. ``MoEStats``); nothing else is unpickled."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be a positive int, got {world!r}")
     ctx = mp.get_context("spawn")
@@ -73,7 +75,8 @@ def run_local_ranks(fn: Callable, world: int, *args: Any, threads: int = 1, time
             if not os.path.exists(path):
                 errors.append(f"rank {r}: exited with code {procs[r].exitcode} and no result")
                 continue
-            payload = torch.load(path, weights_only=False)
+            with torch.serialization.safe_globals(list(safe_types)):
+                payload = torch.load(path, weights_only=True)
             if payload["ok"]:
                 results.append(payload["result"])
             else:

@@ -67,11 +67,11 @@ def test_ep_size_not_dividing_world_on_every_rank() -> None:
 
 
 def _run_config_worker(rank: int, world: int, out: str) -> tuple[str, str]:
-    from expert_parallel.training.config import TrainConfig
+    from expert_parallel.training.options import config_from
     from expert_parallel.training.trainer import Trainer
 
     groups = ParallelGroups.build(1)
-    cfg = TrainConfig(d_model=16, n_layers=1, n_heads=2, seq_len=16, num_experts=4,
+    cfg = config_from(d_model=16, n_layers=1, n_heads=2, seq_len=16, num_experts=4,
                       expert_ffn_hidden=16, global_batch_size=2, tensorboard=False, out=out,
                       lr=3e-3 if rank == 0 else 1e-3)
     return _catch(lambda: Trainer(cfg, groups, torch.device("cpu")))

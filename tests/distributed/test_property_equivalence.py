@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
+from expert_parallel.moe.stats import MoEStats
 from tests.distributed.scenarios import run_step
 
 EXAMPLES = int(os.environ.get("MOE_PROPERTY_EXAMPLES", "10"))
@@ -201,7 +202,8 @@ class RankPool:
         try:
             while len(got) < self.world:
                 rank, blob = self.results.get(timeout=EXAMPLE_TIMEOUT_S)
-                got[rank] = torch.load(io.BytesIO(blob), weights_only=False)
+                with torch.serialization.safe_globals([MoEStats]):
+                    got[rank] = torch.load(io.BytesIO(blob), weights_only=True)
         except queue.Empty:
             self.broken = True
             raise TimeoutError(f"EP={self.world} ranks did not answer within {EXAMPLE_TIMEOUT_S}s") from None
