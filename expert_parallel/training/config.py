@@ -95,6 +95,16 @@ class TrainConfig:
     runs; see training/host_memory.py for the measurements."""
     deepspeed: Optional[str] = None
     """Path of a DeepSpeed JSON config: train under deepspeed.initialize (ZeRO-1/2)."""
+    # -- expert load balancing (placement of experts over the EP group)
+    rebalance_every: int = 0
+    """Every N steps, plan a new expert placement from the measured load and move the
+    experts (weights and AdamW state) there, live; 0 = never. With
+    num_redundant_experts > 0 the hot experts get replicas (training/balancer.py)."""
+    rebalance_window: int = 0
+    """Steps of load the planner looks at; 0 = the last rebalance_every steps."""
+    replica_check_every: int = 50
+    """Every N steps verify that expert replicas (redundant slots, expert-data-parallel
+    copies) are bit-identical; 0 = never."""
     fault_save_pause_s: float = 0.0
     """For fault-injection tests only: every rank sleeps this long inside each checkpoint
     save, after writing its files and before the manifest and the atomic rename, so a
@@ -107,7 +117,8 @@ class TrainConfig:
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         for name in ("max_steps", "global_batch_size", "eval_every", "eval_batches", "keep_checkpoints"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "ckpt_every", "seed", "stop_after"):
+        for name in ("warmup_steps", "ckpt_every", "seed", "stop_after", "rebalance_every",
+                     "rebalance_window", "replica_check_every"):
             _check_int(name, getattr(self, name), 0)
         for name in ("lr", "collective_timeout_s"):
             _check_float(name, getattr(self, name), 0.0, strict=True)
@@ -126,6 +137,12 @@ class TrainConfig:
         if self.tuner.target_drop is not None and moe.capacity_factor is None:
             raise ValueError(f"tuner.target_drop={self.tuner.target_drop!r} needs a capacity_factor "
                              "to tune, got capacity_factor=None (dropless)")
+        if self.deepspeed and (self.rebalance_every or moe.num_redundant_experts):
+            raise ValueError(
+                f"deepspeed={self.deepspeed!r} cannot be combined with rebalance_every={self.rebalance_every} / "
+                f"num_redundant_experts={moe.num_redundant_experts}: ZeRO keeps the expert gradients and "
+                "optimizer state in flat partitions that neither replica sync nor re-placement can reach; "
+                "use the plain engine (no --deepspeed)")
         ep = self.parallel.ep_size
         if ep != "auto" and moe.num_experts % ep:
             raise ValueError(f"ep_size={ep} must divide num_experts={moe.num_experts}")

@@ -98,6 +98,11 @@ class Engine(abc.ABC):
     def load(self, path: str) -> None:
         """Collective: load model (and optimizer) state from checkpoint ``path``."""
 
+    def expert_state(self, layer: Any) -> list[torch.Tensor]:
+        """Per-slot optimizer state of an MoE layer's experts (stacked ``[slots, ...]``),
+        moved along when the layer's placement changes; none by default."""
+        return []
+
     def train(self) -> None:
         self.model.train()
 
@@ -140,6 +145,15 @@ class PlainEngine(Engine):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, lr
+
+    def expert_state(self, layer: Any) -> list[torch.Tensor]:
+        """The AdamW moments of ``layer``'s expert parameters (created if not yet)."""
+        out = []
+        for p in layer.experts.parameters():
+            state = self.optimizer.state.get(p)
+            if state:  # before the first step there is nothing to move
+                out += [state["exp_avg"], state["exp_avg_sq"]]
+        return out
 
     def state(self) -> dict[str, torch.Tensor]:
         """Model + AdamW tensors keyed per global expert (``checkpoint/state.py``)."""

@@ -39,6 +39,7 @@ from ..moe.capacity_tuner import CapacityTuner
 from ..moe.stats import MoEStats
 from ..profiling.timer import A2A_PHASES, PhaseTimer
 from .config import TrainConfig
+from .balancer import Balancer
 from .data import BatchSampler, load_data
 from .engine import Engine
 from .factory import make_engine
@@ -101,6 +102,8 @@ class Trainer:
                                 context=f"{self.dispatch} ep={groups.ep_size} rpn={self.ranks_per_node} "
                                         f"{self.precision.name}")
         self.logger.info(f"precision: {self.precision.name} (dtype={cfg.dtype}: {self.precision.reason})")
+        self.balancer = Balancer(self.model.moe_layers(), groups, cfg.rebalance_every, cfg.rebalance_window,
+                                 cfg.replica_check_every, self.logger.info)
         self.tuners = {}
         if cfg.tuner.target_drop is not None:
             self.tuners = {name: CapacityTuner(layer.config, cfg.tuner)
@@ -151,6 +154,7 @@ class Trainer:
             self.lr = lr_at(cfg, self.step)
             return StepResult(loss, aux, stats, skipped=True)
         self.grad_norm, self.lr = self.engine.step(lr_at(cfg, self.step), self.step + 1)
+        self.balancer.observe(stats)
         if cfg.moe.bias_update_rate > 0:
             for name, layer in self.model.moe_layers().items():
                 layer.update_expert_bias(stats[name])
@@ -194,6 +198,7 @@ class Trainer:
             "step": self.step, "world_size": self.world, "ep_size": self.groups.ep_size,
             # Tuned capacity factors are training state too.
             "capacity_factors": {n: l.config.capacity_factor for n, l in self.model.moe_layers().items()},
+            "placement": self.balancer.tables(),  # where the experts live (restored at the same EP size)
             **capture_rng(),
         }
         meta = {"world_size": self.world, "ep_size": self.groups.ep_size, "engine": engine.kind,
@@ -242,9 +247,11 @@ class Trainer:
         self._agree(error)
         if check_step:
             check_resume_step(self.cfg, path, step)
+        extra = load_extra(path, self.rank) or load_extra(path, 0) or {}
+        if extra.get("ep_size") == self.groups.ep_size and extra.get("placement"):
+            self.balancer.restore(extra["placement"], self.logger.info)  # slots first, then their weights
         engine.load(path)
         self.step = step
-        extra = load_extra(path, self.rank) or load_extra(path, 0) or {}
         if self.tuners and "capacity_factors" in extra:
             for name, layer in self.model.moe_layers().items():
                 layer.set_capacity_factor(extra["capacity_factors"][name])
@@ -289,6 +296,9 @@ class Trainer:
             a2a = sum(phases.get(p, 0.0) + phases.get(p + ".bwd", 0.0) for p in A2A_PHASES)
             self.step += 1
             steps_done += 1
+            if not result.skipped:
+                self.balancer.maybe_rebalance(self.step, self.engine.expert_state)
+                self.balancer.maybe_check(self.step)
             evaluated = self.step % cfg.eval_every == 0 or self.step == end
             if evaluated:
                 val_loss = self.evaluate()
@@ -307,6 +317,7 @@ class Trainer:
             steps_this_run=steps_done, initial_val_loss=initial_val_loss, final_val_loss=val_loss,
             tokens_per_s=(steps_done * tokens_per_step / elapsed) if steps_done and elapsed > 0 else 0.0,
             elapsed_s=elapsed, data_source=self.data.source, host_allocator=active_allocator(),
+            rebalances=self.balancer.history,
         )
 
 
