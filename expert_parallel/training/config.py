@@ -74,6 +74,12 @@ class TrainConfig:
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 3
     """How many complete checkpoints to keep (the one just written always among them)."""
+    sample_tokens: int = 32
+    """At the end, the trained model continues sample_prompt by this many tokens (greedy,
+    KV cache; byte-level data only), shown in the final report and summary.json; 0 = no
+    sample. Cut to what fits the context."""
+    sample_prompt: str = "def "
+    """The prompt of the final report's sample."""
     out: str = "runs/default"
     """Run directory: metrics, summary, report, checkpoints. A directory that already holds
     a run needs --resume (continue it) or --overwrite (delete it and start over)."""
@@ -117,13 +123,15 @@ class TrainConfig:
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
         for name in ("max_steps", "global_batch_size", "eval_every", "eval_batches", "keep_checkpoints"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("warmup_steps", "ckpt_every", "seed", "stop_after", "rebalance_every",
+        for name in ("warmup_steps", "ckpt_every", "seed", "stop_after", "sample_tokens", "rebalance_every",
                      "rebalance_window", "replica_check_every"):
             _check_int(name, getattr(self, name), 0)
         for name in ("lr", "collective_timeout_s"):
             _check_float(name, getattr(self, name), 0.0, strict=True)
         for name in ("min_lr", "weight_decay", "grad_clip", "fault_save_pause_s"):
             _check_float(name, getattr(self, name), 0.0, strict=False)
+        if not isinstance(self.sample_prompt, str):
+            raise TypeError(f"sample_prompt must be a str, got {self.sample_prompt!r}")
         for name in ("resume", "overwrite", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -34,6 +34,7 @@ from ..checkpoint.safe_load import UnsafeCheckpointError
 from ..distributed.collectives import CollectiveError, comm_scope, guard
 from ..distributed.consensus import check_consensus
 from ..distributed.groups import ParallelGroups
+from ..models.generation import decode, encode, generate
 from ..models.transformer import MoETransformer
 from ..moe.capacity_tuner import CapacityTuner
 from ..moe.stats import MoEStats
@@ -44,7 +45,7 @@ from .data import BatchSampler, load_data
 from .engine import Engine
 from .factory import make_engine
 from .host_memory import active_allocator
-from .report import RunLogger
+from .report import RunLogger, phase_groups
 from .run_dir import AGREED_ERRORS, check_resume_step, check_run_dir, clear_run, last_step
 
 
@@ -283,6 +284,7 @@ class Trainer:
         val_loss = None
         run_t0 = time.perf_counter()
         steps_done = 0
+        phase_totals: dict[str, float] = {}  # this rank's seconds per report phase group
         end = last_step(cfg)
         while self.step < end:
             self.timer.collect()
@@ -294,6 +296,8 @@ class Trainer:
             dt = time.perf_counter() - t0
             phases = self.timer.collect()
             a2a = sum(phases.get(p, 0.0) + phases.get(p + ".bwd", 0.0) for p in A2A_PHASES)
+            for group, seconds in phase_groups(phases, dt).items():
+                phase_totals[group] = phase_totals.get(group, 0.0) + seconds
             self.step += 1
             steps_done += 1
             if not result.skipped:
@@ -310,6 +314,8 @@ class Trainer:
         elapsed = time.perf_counter() - run_t0
         if val_loss is None:
             val_loss = self.evaluate()
+        per_rank = self._per_rank_phases(phase_totals, steps_done)
+        sample = self.sample()
         return self.logger.finish(
             world_size=self.world, ep_size=self.groups.ep_size, ranks_per_node=self.ranks_per_node,
             dispatcher=self.dispatch, engine=self.engine.describe(), precision=self.precision.to_dict(),
@@ -317,8 +323,39 @@ class Trainer:
             steps_this_run=steps_done, initial_val_loss=initial_val_loss, final_val_loss=val_loss,
             tokens_per_s=(steps_done * tokens_per_step / elapsed) if steps_done and elapsed > 0 else 0.0,
             elapsed_s=elapsed, data_source=self.data.source, host_allocator=active_allocator(),
-            rebalances=self.balancer.history,
+            rebalances=self.balancer.history, per_rank=per_rank, sample=sample,
         )
+
+    def _per_rank_phases(self, totals: dict[str, float], steps: int) -> dict:
+        """Collective over DP, once per run: every rank's mean step time per report phase
+        group (``{"phases_s": {group: [seconds per rank]}, "steps": n}``) for the report's
+        slowest-rank panel."""
+        names = list(phase_groups({}, 0.0))
+        mine = torch.tensor([totals.get(n, 0.0) / max(steps, 1) for n in names], dtype=torch.float64,
+                            device=self.device)
+        rows = [mine]
+        if self.groups.dp_group is not None:
+            rows = [torch.zeros_like(mine) for _ in range(self.world)]
+            with comm_scope("trainer", "per_rank_phases", "forward"), guard("all_gather"):
+                dist.all_gather(rows, mine, group=self.groups.dp_group)
+        return {"phases_s": {n: [float(r[i]) for r in rows] for i, n in enumerate(names)}, "steps": steps}
+
+    def sample(self) -> Optional[dict]:
+        """Collective: the trained model's greedy continuation of ``sample_prompt`` (KV
+        cache; every rank decodes the same text, rank 0's tokens broadcast). None without
+        ``sample_tokens`` or for token data that is not byte-level (a .bin)."""
+        cfg = self.cfg
+        prompt = encode(cfg.sample_prompt)[: cfg.model.seq_len]
+        n = min(cfg.sample_tokens, cfg.model.seq_len - len(prompt) + 1)
+        if n < 1 or not prompt or (cfg.data or "").endswith(".bin") or cfg.model.vocab_size < 256:
+            return None
+        x = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
+        result = generate(self.model, x, n, sync_group=self.groups.dp_group, autocast=self.precision.autocast)
+        seconds = time.perf_counter() - t0
+        self.engine.train()
+        return {"prompt": cfg.sample_prompt, "text": decode(result.tokens_BN[0].tolist()), "tokens": n,
+                "tokens_per_s": n / seconds if seconds > 0 else None}
 
 
 def run(cfg: TrainConfig, groups: ParallelGroups, device: torch.device) -> dict:
