@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
     if "deepspeed" in peers:
         report["speedup_vs_deepspeed"] = prim["speedup_vs_deepspeed"]
         report["memory_ratio_vs_deepspeed"] = prim["memory_ratio_vs_deepspeed"]
+    report["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     md = _markdown(a, report, by_dtype, peers)
     write_report(a.out, report, md, lambda plt: _plot(plt, by_dtype, cf, a.ep))
     print("\n".join(md), flush=True)
@@ -515,7 +516,9 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
     md = [f"# Our MoE layer vs peers vs floor (cf {cf if cf is not None else 'dropless'}, E={a.experts}, "
           f"k={a.top_k}, {a.tokens} tokens/rank, D={a.hidden}, F={a.ffn}, {a.activation}, EP={a.ep}, "
           f"{a.threads} thread/rank, fwd+bwd)", "",
-          f"Machine load (1/5/15 min) at start: {report['hardware'].get('load_average_1_5_15')}; "
+          f"Machine load (1/5/15 min, {os.cpu_count()} cores) at start: "
+          f"{report['hardware'].get('load_average_1_5_15')}, at end: {report.get('load_average_end')} "
+          "(other jobs share the machine: wall times include waiting for a core, CPU times do not); "
           f"versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items() if v)}.", ""]
     for name, why in report["missing_peers"].items():
         md.append(f"- **{name}: missing** ({why})")
