@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
-from expert_parallel.config import ACTIVATIONS, DROP_POLICIES, EXPERT_BACKENDS, ROUTERS
+from expert_parallel.config import A2A_ALGORITHMS, ACTIVATIONS, DROP_POLICIES, EXPERT_BACKENDS, ROUTERS
 from expert_parallel.distributed.groups import check_ep_size, edp_group_ranks, ep_group_ranks
 
 BASE: dict[str, Any] = dict(hidden_size=8, ffn_hidden_size=16, num_experts=4)
@@ -80,7 +80,7 @@ CHOICE_FIELDS = [
     ("activation", list(ACTIVATIONS)),
     ("expert_backend", list(EXPERT_BACKENDS)),
     ("nonfinite_policy", ["raise", "count"]),
-    ("a2a_algorithm", ["flat", "hierarchical"]),
+    ("a2a_algorithm", list(A2A_ALGORITHMS)),
 ]
 
 
@@ -98,7 +98,7 @@ REQUIRED_CHOICES = [
     ("activation", ["swiglu", "gelu"]),
     ("expert_backend", ["auto", "loop", "bmm", "grouped_mm"]),
     ("nonfinite_policy", ["raise", "count"]),
-    ("a2a_algorithm", ["flat", "hierarchical"]),
+    ("a2a_algorithm", ["flat", "hierarchical", "allgather", "auto"]),
 ]
 
 

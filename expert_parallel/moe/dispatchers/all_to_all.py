@@ -28,13 +28,13 @@ from ...profiling.timer import NULL_TIMER
 from ..capacity import CapacityPlan
 from ..permute import combine_rows
 from ..router import Routing
-from .base import Dispatcher, DispatchMetadata
-from .overlapped import pipelined_run
+from .base import DispatchMetadata
+from .staged import StagedDispatcher
 from .steps import Chunk, InFlight, exchange_flat_counts, receive, regroup, route_chunks, send, \
     split_sizes, ungroup
 
 
-class AllToAllDispatcher(Dispatcher):
+class AllToAllDispatcher(StagedDispatcher):
     """Experts sharded over ``group`` (EP size R); ``group=None`` means one rank."""
 
     def __init__(self, num_experts: int, group: Any, ep_size: int,
@@ -98,19 +98,6 @@ class AllToAllDispatcher(Dispatcher):
             y_SD = self.timer.mark(y_SD, "unpermute")  # backward-time mark (profiling only)
         with self.timer.phase("unpermute"):
             return combine_rows(y_SD, meta.token_S, meta.weight_S, meta.num_tokens, meta.out_dtype)
-
-    # -- the interface ---------------------------------------------------------------
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
-        (chunk,) = self.route(routing, plan)
-        return self.finish_dispatch(self.start_dispatch(x_TD, chunk))
-
-    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
-        return self.finish_combine(self.start_combine(y_ND, meta))
-
-    def run(self, x_TD, routing, plan, experts, concurrent=None):
-        if concurrent is None:  # synchronous, with the backward-time marks
-            return super().run(x_TD, routing, plan, experts)
-        return pipelined_run(self, x_TD, routing, plan, experts, 1, concurrent)
 
 
 __all__ = ["AllToAllDispatcher", "InFlight"]

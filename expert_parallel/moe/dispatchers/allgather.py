@@ -43,7 +43,7 @@ from ..capacity import CapacityPlan
 from ..permute import count_ids
 from ..router import Routing
 from .all_to_all import AllToAllDispatcher
-from .base import Dispatcher, DispatchMetadata, ExpertFn, NonFiniteRouterError
+from .base import Dispatcher, DispatchMetadata, ExpertFn, InnerTimer, NonFiniteRouterError
 from .steps import receive, send
 
 
@@ -68,13 +68,7 @@ class AllGatherDispatcher(Dispatcher):
         self.num_experts, self.num_local = flat.num_experts, flat.num_local
         self.rank = torch.distributed.get_rank(self.group) if self.group is not None else 0
 
-    @property
-    def timer(self) -> Any:  # type: ignore[override]
-        return self.flat.timer
-
-    @timer.setter
-    def timer(self, value: Any) -> None:
-        self.flat.timer = value
+    timer = InnerTimer("flat")
 
     def describe(self) -> str:
         return f"allgather(max_tokens={self.max_tokens})"
@@ -161,13 +155,7 @@ class AutoDispatcher(Dispatcher):
         self.flat = flat
         self.previous_max_tokens: Optional[int] = None  # the same on every rank
 
-    @property
-    def timer(self) -> Any:  # type: ignore[override]
-        return self.flat.timer
-
-    @timer.setter
-    def timer(self, value: Any) -> None:
-        self.flat.timer = value
+    timer = InnerTimer("flat")
 
     def describe(self) -> str:
         return f"auto(allgather up to {self.gathering.max_tokens} tokens/rank, else all_to_all)"

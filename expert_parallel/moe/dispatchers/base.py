@@ -102,6 +102,20 @@ class Dispatcher(abc.ABC):
         return self.combine(y_ND, meta)
 
 
+class InnerTimer:
+    """Descriptor for wrapper dispatchers: their ``timer`` is the wrapped one's (so
+    ``MoELayer.set_timer`` reaches the dispatcher doing the work)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        return NULL_TIMER if obj is None else getattr(obj, self.attr).timer
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        getattr(obj, self.attr).timer = value
+
+
 class Staged(Protocol):
     """The stages of an exchanging dispatcher, for schedules that interleave several
     batches (``overlapped.py``): one count exchange for all chunks, then each chunk's
@@ -123,4 +137,4 @@ class Staged(Protocol):
     def finish_combine(self, pending: Any) -> torch.Tensor: ...
 
 
-__all__ = ["Dispatcher", "DispatchMetadata", "ExpertFn", "NonFiniteRouterError", "Staged"]
+__all__ = ["Dispatcher", "DispatchMetadata", "ExpertFn", "InnerTimer", "NonFiniteRouterError", "Staged"]

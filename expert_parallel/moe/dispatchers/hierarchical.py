@@ -47,8 +47,8 @@ from ...profiling.timer import NULL_TIMER
 from ..capacity import CapacityPlan
 from ..permute import exclusive_offsets, host_ints, node_need, regroup_rank_to_expert
 from ..router import Routing
-from .base import Dispatcher, DispatchMetadata
-from .overlapped import pipelined_run
+from .base import DispatchMetadata
+from .staged import StagedDispatcher
 from .steps import Chunk, CountTable, receive, regroup, route_chunks, send, split_sizes, ungroup
 
 
@@ -73,7 +73,7 @@ class NodeRoute:
     """Rows this rank receives from each node-local relay (hop 2 output splits)."""
 
 
-class HierarchicalDispatcher(Dispatcher):
+class HierarchicalDispatcher(StagedDispatcher):
     """Rows travel in two hops, across nodes first with one copy of a token per
     destination node, then fanned out inside the node. The count exchange is an
     all-gather of every rank's per-expert counts, NaN flag and distinct tokens per node
@@ -229,19 +229,6 @@ class HierarchicalDispatcher(Dispatcher):
             out_TD = torch.zeros(meta.num_tokens, z_UD.shape[-1], dtype=acc, device=z_UD.device)
             out_TD = out_TD.index_add(0, meta.route.token_U, z_UD.to(acc)).to(meta.out_dtype)
         return self.timer.mark(out_TD, "unpermute") if marks else out_TD
-
-    # -- the interface ---------------------------------------------------------------------
-    def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
-        (chunk,) = self.route(routing, plan)
-        return self.finish_dispatch(self.start_dispatch(x_TD, chunk))
-
-    def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
-        return self.finish_combine(self.start_combine(y_ND, meta))
-
-    def run(self, x_TD, routing, plan, experts, concurrent=None):
-        if concurrent is None:  # synchronous, with the backward-time marks
-            return super().run(x_TD, routing, plan, experts)
-        return pipelined_run(self, x_TD, routing, plan, experts, 1, concurrent)
 
 
 __all__ = ["HierarchicalDispatcher", "NodeRoute"]

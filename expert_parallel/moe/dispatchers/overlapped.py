@@ -27,7 +27,8 @@ import torch
 
 from ..capacity import CapacityPlan
 from ..router import Routing
-from .base import Dispatcher, DispatchMetadata, ExpertFn, Staged
+from .base import Dispatcher, DispatchMetadata, ExpertFn, InnerTimer, Staged
+from .staged import pipelined_run
 
 
 class OverlappedDispatcher(Dispatcher):
@@ -39,13 +40,7 @@ class OverlappedDispatcher(Dispatcher):
             raise ValueError(f"overlap_chunks must be >= 2 to pipeline, got {num_chunks}")
         self.inner, self.num_chunks = inner, num_chunks
 
-    @property
-    def timer(self) -> Any:  # type: ignore[override]
-        return self.inner.timer
-
-    @timer.setter
-    def timer(self, value: Any) -> None:
-        self.inner.timer = value
+    timer = InnerTimer("inner")
 
     def describe(self) -> str:
         return f"{self.inner.describe()}+overlap({self.num_chunks})"
@@ -59,28 +54,6 @@ class OverlappedDispatcher(Dispatcher):
     def run(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
             experts: ExpertFn, concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
         return pipelined_run(self.inner, x_TD, routing, plan, experts, self.num_chunks, concurrent)
-
-
-def pipelined_run(inner: Staged, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
-                  experts: ExpertFn, num_chunks: int,
-                  concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
-    """The schedule of the module docstring over ``inner``'s stages; ``concurrent`` runs
-    once every dispatch exchange is in flight (``num_chunks=1``: plain dispatch, with
-    only the concurrent work overlapping it)."""
-    timer = inner.timer
-    chunks = inner.route(routing, plan, num_chunks)
-    dispatches = [inner.start_dispatch(x_TD, chunk, in_flight=True) for chunk in chunks]
-    if concurrent is not None:
-        concurrent()
-    combines = []
-    for pending in dispatches:
-        x_ND, meta = inner.finish_dispatch(pending)
-        with timer.phase("experts"):
-            y_ND = experts(x_ND, meta.counts_local)
-        combines.append(inner.start_combine(y_ND, meta, in_flight=num_chunks > 1))
-    outs = [inner.finish_combine(pending) for pending in combines]
-    # Chunks are contiguous and in order, so their outputs stack into out_TD.
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 __all__ = ["OverlappedDispatcher"]
