@@ -8,11 +8,10 @@ the field and its value. Why each refused setting is refused is said where it is
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from .config import TrainConfig
+from .jsonio import read_json_object
 
 SUPPORTED_STAGES = (1, 2)
 
@@ -32,15 +31,7 @@ def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
     optimizer and scheduler sections are taken as given. Pure: raises ``ValueError``
     naming the field and value on every rank, before any collective.
     """
-    if not isinstance(path, str) or not os.path.isfile(path):
-        raise ValueError(f"deepspeed: config file {path!r} does not exist")
-    try:
-        with open(path) as fh:
-            ds = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"deepspeed: {path!r} is not valid JSON ({err})") from None
-    if not isinstance(ds, dict):
-        raise ValueError(f"deepspeed: {path!r} must hold a JSON object, got {type(ds).__name__}")
+    ds = read_json_object(path, "deepspeed: config")
     if world_size < 1 or cfg.global_batch_size % world_size:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must divide by the world size {world_size}")
     micro = cfg.global_batch_size // world_size

@@ -32,8 +32,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import json
-import os
 import sys
 import textwrap
 import types
@@ -41,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 from .config import TrainConfig
+from .jsonio import read_json_object
 
 Path = tuple[str, ...]
 
@@ -249,16 +248,7 @@ def config_values(obj: Mapping[str, Any], source: str, section: Path = (),
 
 
 def load_config_file(path: str) -> dict[Path, Any]:
-    if not os.path.isfile(path):
-        raise ValueError(f"--config: file {path!r} does not exist")
-    try:
-        with open(path) as fh:
-            loaded = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--config: {path!r} is not valid JSON ({err})") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"--config: {path!r} must hold a JSON object")
-    return config_values(loaded, f"--config {path!r}")
+    return config_values(read_json_object(path, "--config"), f"--config {path!r}")
 
 
 def build_config(values: Mapping[Path, Any], root: type = TrainConfig) -> Any:
