@@ -39,7 +39,8 @@ def _family_fields(model_type: str, d: int, f: int, e: int, k: int) -> dict[str,
         return dict(moe_intermediate_size=f, intermediate_size=2 * f, n_routed_experts=e, num_experts_per_tok=k,
                     n_shared_experts=1, n_group=groups, topk_group=max(1, groups // 2), first_k_dense_replace=1,
                     routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=None, kv_lora_rank=16,
-                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=None)
+                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=None,
+                    head_dim=8)  # RoPE runs over the rope part of a head
     if model_type == "gpt_oss":
         return dict(intermediate_size=f, num_local_experts=e, num_experts_per_tok=k, sliding_window=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
