@@ -1,7 +1,8 @@
 """bf16 autocast through every dispatch mode follows the fp32 run, at EP=2 and EP=4.
 
 For each layout of the golden check's table (``test_ep_equivalence.LAYOUTS``: flat,
-hierarchical, overlapped and static-shape dispatch at EP=2, EP=4 and EP=2 x DP=2), real
+hierarchical, overlapped and static-shape dispatch at EP=2, EP=4 and EP=2 x DP=2) and the
+all-gather dispatcher at EP=2 and EP=4, real
 gloo ranks run each scenario twice on the same weights and batch: in fp32, and under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. The bf16 rules (docs/PRECISION.md):
 
@@ -35,6 +36,16 @@ REL_TOL = 3e-2
 
 EXCHANGES = ("dispatch_a2a", "combine_a2a")
 
+# The all-gather dispatcher (small token counts) is not in the golden table's layouts (the
+# dispatcher matrix pins it against EP=1); every scenario here holds <= 24 tokens per rank,
+# under its default cap, so it really runs. Its dispatch exchange also carries a side
+# message (token index, weight) that stays fp32: only its rows halve.
+EXTRA_LAYOUTS = {
+    "ep2_allgather": (2, 2, {}, {"a2a_algorithm": "allgather"}),
+    "ep4_allgather": (4, 4, {}, {"a2a_algorithm": "allgather"}),
+}
+ALL_LAYOUTS = {**LAYOUTS, **EXTRA_LAYOUTS}
+
 
 def _one_run(name: str, groups: ParallelGroups, overrides: dict, rank: int, bf16: bool) -> dict:
     layer = sc.build_layer(name, groups, **overrides)
@@ -60,7 +71,7 @@ def _worker(rank: int, world: int, ep_size: int, group_kwargs: dict, overrides: 
 
 @functools.lru_cache(maxsize=None)
 def results(layout: str) -> list[dict]:
-    world, ep, group_kwargs, overrides = LAYOUTS[layout]
+    world, ep, group_kwargs, overrides = ALL_LAYOUTS[layout]
     return run_ranks(_worker, world, ep, group_kwargs, overrides, timeout=240)
 
 
@@ -72,6 +83,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 CASES = [(layout, name) for layout in LAYOUTS for name in _scenarios(layout)]
+CASES += [(layout, name) for layout in EXTRA_LAYOUTS for name in sc.SCENARIOS]
 
 
 @pytest.mark.parametrize("layout,name", CASES)
@@ -90,6 +102,15 @@ def test_bf16_follows_fp32(layout: str, name: str) -> None:
         for what, a, b in pairs:
             err = _rel_err(a, b)
             assert err <= REL_TOL, f"{tag} {what}: bf16 vs fp32 relative error {err:.3e} > {REL_TOL}"
-        # The exchanges moved bf16 rows: exactly half the bytes.
+        # The exchanges moved bf16 rows: exactly half the bytes (all-gather: its combine
+        # exactly half; its dispatch less, by half of the rows, the side message unchanged).
+        allgather = layout in EXTRA_LAYOUTS
         for phase in EXCHANGES:
-            assert 2 * got["bytes"][phase] == ref["bytes"][phase], (tag, phase, got["bytes"], ref["bytes"])
+            if allgather and phase == "dispatch_a2a":
+                # More than half: the fp32 side message proves the all-gather path ran
+                # (a fallback to the flat exchange would move exactly half).
+                assert ref["bytes"][phase] < 2 * got["bytes"][phase] < 2 * ref["bytes"][phase], \
+                    (tag, phase, got["bytes"], ref["bytes"])
+            else:
+                assert 2 * got["bytes"][phase] == ref["bytes"][phase], (tag, phase, got["bytes"], ref["bytes"])
+            assert ref["bytes"][phase] > 0, (tag, phase)
