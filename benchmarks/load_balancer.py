@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ is not installed
 
-from benchmarks._common import environment, median, spawn, timed_wall_cpu, write_report  # noqa: E402
+from benchmarks._common import add_dtype_arg, environment, median, precisions, spawn, timed_wall_cpu, write_report  # noqa: E402
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups  # noqa: E402
 from expert_parallel.moe.placement import PlacementTable  # noqa: E402
 from expert_parallel.moe.planner import plan_placement  # noqa: E402
@@ -75,6 +75,7 @@ def config(a: argparse.Namespace, redundant: int, cf: Any) -> MoEConfig:
 
 def _rank(rank: int, world: int, a: argparse.Namespace) -> dict:
     groups = ParallelGroups.build(world)
+    prec = precisions(a.dtype)[0]
     redundant = a.redundant_per_rank * world
     out: dict[str, Any] = {"cases": {}}
     for exponent in a.exponents:
@@ -100,8 +101,10 @@ def _rank(rank: int, world: int, a: argparse.Namespace) -> dict:
                     holder = {}
 
                     def step() -> None:
-                        res = layer(xi)
-                        (res.output.square().mean() + res.aux_loss).backward()
+                        with prec.autocast("cpu"):
+                            res = layer(xi)
+                            loss = res.output.float().square().mean() + res.aux_loss
+                        loss.backward()
                         holder["stats"] = res.stats
 
                     wall, cpu = timed_wall_cpu(step, groups.dp_group)
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--trained", default="", help="a launcher --out directory: balance its measured load")
+    add_dtype_arg(p)
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (the test suite)")
     p.add_argument("--out", default="benchmarks/results/load_balancer.json")
     a = p.parse_args(argv)
