@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from benchmarks._common import add_dtype_arg, environment, median, precisions, spawn, write_report  # noqa: E402
+from expert_parallel.moe.experts import AUTO_BACKEND  # noqa: E402
 
 PHASE_ORDER = ("router", "permute", "count_exchange", "dispatch_a2a", "experts", "shared_expert",
                "combine_a2a", "unpermute", "stats", "unattributed")
@@ -71,6 +72,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scaling-ep", type=int, default=2)
     p.add_argument("--scaling-iters", type=int, default=6)
     add_dtype_arg(p)
+    p.add_argument("--scaling-only", action="store_true",
+                   help="only the expert-scaling section (no grid, no designs)")
     p.add_argument("--tiny", action="store_true", help="smoke size: a 2x2 grid, small layer")
     p.add_argument("--out", default="benchmarks/results/layer_breakdown.json")
     a = p.parse_args(argv)
@@ -85,14 +88,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def _points(a: argparse.Namespace, ep: int) -> list[dict]:
     pts = []
-    for cf, e, k in itertools.product(a.capacity_factors.split(","), a.experts.split(","), a.top_k.split(",")):
+    if a.scaling_only:
+        a = argparse.Namespace(**{**vars(a), "capacity_factors": "", "designs": ""})
+    for cf, e, k in itertools.product(filter(None, a.capacity_factors.split(",")), a.experts.split(","),
+                                      a.top_k.split(",")):
         if int(e) % ep == 0:
             pts.append({"section": "grid", "cf": cf, "experts": int(e), "top_k": int(k), "ep": ep,
                         "tokens": a.tokens, "hidden": a.hidden, "ffn": a.ffn})
     for name in filter(None, a.designs.split(",")):
         d = DESIGNS[name]
         if d["num_experts"] % ep == 0:
-            for cf in a.capacity_factors.split(","):
+            for cf in filter(None, a.capacity_factors.split(",")):
                 pts.append({"section": "designs", "design": name, "cf": cf, "experts": d["num_experts"],
                             "top_k": d["top_k"], "ep": ep, "tokens": a.tokens, "hidden": a.hidden,
                             "ffn": max(4, a.ffn // d["ffn_div"])})
@@ -135,6 +141,8 @@ def _worker(rank: int, world: int, points: list[dict], iters: int, warmup: int,
                 if step >= st["steps"]:
                     continue
                 dist.barrier()
+                for p in st["layer"].parameters():  # as the training loop's zero_grad(set_to_none=True)
+                    p.grad = None
                 st["prof"].step_begin(step)
                 xx = st["x"].clone().requires_grad_(True)
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -263,7 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
            "iterations of each rank's phase times over the sum of its wall times of "
            "forward+backward (the rest is Python glue and the loss). Wall times on a shared "
            f"2-core machine (load average at the end: {environment()['hardware'].get('load_average_1_5_15')}); "
-           "CPU time per token is the less noisy basis for comparing configurations."]
+           "CPU time per token is the less noisy basis for comparing configurations.",
+           f"Expert backend `auto` = `{AUTO_BACKEND.get('cpu')}` on CPU (`moe/experts.py: AUTO_BACKEND`, measured by "
+           "`benchmarks/expert_backends.py`); {dtype}. Weight gradients are set to None before every "
+           "iteration, as the training loop's `zero_grad(set_to_none=True)` does (the results of earlier versions accumulated "
+           "them: one more read-modify-write of every expert gradient per iteration).".replace(
+               "{dtype}", f"precision {precisions(a.dtype)[0].name}")]
     for cf, g in growth.items():
         md.append(f"- wall time per token vs E={min(g, key=int)} at cf {cf}: "
                   + ", ".join(f"E={e}: {100 * v:+.1f}%" for e, v in g.items())

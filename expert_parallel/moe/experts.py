@@ -79,6 +79,12 @@ def grouped_mm_problem(hidden_size: int, ffn_hidden_size: int, num_local: int,
     return None
 
 
+AUTO_BACKEND: dict[str, str] = {"cuda": "grouped_mm", "cpu": "loop"}
+"""What ``expert_backend="auto"`` runs per device type, where that backend applies
+(``GroupedExperts.backend``). CPU: measured by ``benchmarks/expert_backends.py``
+(``benchmarks/results/expert_backends.md``, E = 8 ... 128, fp32 and bf16); CUDA: the
+one-kernel grouped GEMM (not measured yet: nothing here has run on a GPU)."""
+
 GATED_ACTIVATIONS = ("swiglu", "swiglu_clamped")
 """Activations with a second (up) projection W3."""
 
@@ -145,14 +151,16 @@ class GroupedExperts(nn.Module):
         return x_ND.dtype
 
     def backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """The backend ``forward`` runs: the configured one, or for ``auto`` the measured
+        best of this device type (:data:`AUTO_BACKEND`) where it applies -- ``grouped_mm``
+        only where :func:`grouped_mm_problem` finds nothing against it -- else ``loop``."""
         choice = self.config.expert_backend
         if choice != "auto":
             return choice
-        if device.type == "cuda" and dtype is not None and self.grouped_mm_problem(device, dtype) is None:
-            return "grouped_mm"
-        # Measured on CPU: the per-expert loop is as fast as padded bmm and needs no
-        # padding memory, so it is the CPU default.
-        return "loop"
+        best = AUTO_BACKEND.get(device.type, "loop")
+        if best == "grouped_mm" and (dtype is None or self.grouped_mm_problem(device, dtype) is not None):
+            return "loop"
+        return best
 
     def forward(self, x_ND: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
         dtype = self.compute_dtype(x_ND)
