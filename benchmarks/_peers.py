@@ -30,7 +30,10 @@ torchtitan's token-dispatcher module imports ``torchtitan.distributed.minimal_as
 whose kernels need ``triton`` (a GPU compiler, not installed with CPU torch) and CUDA
 symmetric memory. Without triton, :func:`shim_torchtitan` puts a stub of that one
 module in ``sys.modules`` (its functions raise if called); the MinimalAsyncEP dispatcher
-is never used here. With triton installed the real module is imported.
+is never used here. With triton installed the real module is imported. Of torchtitan's
+declared dependencies the MoE path imports only ``spmd_types`` and ``tyro``:
+``pip install --no-deps torchtitan==0.3.0 && pip install spmd_types==0.2.3 tyro`` is enough
+(``pip install -e '.[peers]'`` installs all of them: datasets, wandb, ...).
 """
 
 from __future__ import annotations
