@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from .checks import _check_choice, _check_float, _check_int
 
@@ -47,7 +47,7 @@ class MoEConfig:
     top_k: int = 2
     """Experts per token K. Must be <= num_experts; the ``switch`` router needs 1."""
 
-    router: str = "softmax_topk"
+    router: Literal[ROUTERS] = "softmax_topk"
     """``softmax_topk`` (softmax over experts, then top-k), ``switch`` (top-1 of a
     softmax, Switch Transformer), or ``sigmoid_topk`` (independent sigmoid scores with a
     per-expert selection bias for aux-loss-free balancing, DeepSeek-V3 style),
@@ -71,7 +71,7 @@ class MoEConfig:
     min_capacity: int = 4
     """Lower bound on the per-expert, per-source-rank capacity."""
 
-    drop_policy: str = "position"
+    drop_policy: Literal[DROP_POLICIES] = "position"
     """Which (token, expert) pairs survive when an expert is over capacity:
     ``position`` keeps every token's first choice before any token's second choice and,
     within a choice, earlier tokens first (GShard priority); ``probs`` keeps the pairs
@@ -92,7 +92,7 @@ class MoEConfig:
     """Multiplicative jitter eps on router inputs in training:
     ``x * U(1 - eps, 1 + eps)`` (Switch Transformer). 0 disables it."""
 
-    activation: str = "swiglu"
+    activation: Literal[ACTIVATIONS] = "swiglu"
     """Expert MLP: ``swiglu`` (``(silu(x W1) * x W3) W2``), ``gelu`` (``gelu(x W1) W2``), or
     ``swiglu_clamped`` (GPT-OSS: ``g = min(x W1, limit)``, ``u = clamp(x W3, -limit, limit)``,
     ``((u + 1) * g * sigmoid(alpha * g)) W2``; see ``swiglu_alpha`` / ``swiglu_limit``)."""
@@ -104,7 +104,7 @@ class MoEConfig:
     """Aux-loss-free balancing (``sigmoid_topk`` only): after each training forward the
     selection bias moves by ``rate * sign(mean_load - load_e)``. 0 disables it."""
 
-    expert_backend: str = "auto"
+    expert_backend: Literal[EXPERT_BACKENDS] = "auto"
     """How the local experts are computed: ``loop`` (one GEMM per expert), ``bmm``
     (padded batched GEMM), ``grouped_mm`` (``torch._grouped_mm``), or ``auto``."""
 
@@ -113,7 +113,7 @@ class MoEConfig:
     expert compute (1 = no overlap). Composes with the flat and the hierarchical
     exchange (there the inter-node hop is what overlaps)."""
 
-    a2a_algorithm: str = "flat"
+    a2a_algorithm: Literal[A2A_ALGORITHMS] = "flat"
     """``flat``: one all-to-all over the EP group; ``hierarchical``: each token crosses
     the inter-node link once per destination node (to the rank with the sender's local
     index), then fans out over the node-local link; the combine sums per node before
@@ -136,7 +136,7 @@ class MoEConfig:
     ``nonfinite_policy='count'``; cannot be combined with ``overlap_chunks > 1`` or the
     hierarchical exchange. Costs padding compute/traffic."""
 
-    nonfinite_policy: str = "raise"
+    nonfinite_policy: Literal["raise", "count"] = "raise"
     """What to do when router logits contain NaN/Inf: ``raise`` a ``FloatingPointError``
     naming the layer, or ``count`` it in the stats and let the caller skip the step."""
 
@@ -183,7 +183,7 @@ class MoEConfig:
     """Compute the shared expert while the dispatch all-to-all is in flight (Megatron's
     ``--moe-shared-expert-overlap``); False computes it after the routed experts."""
 
-    aux_loss_scope: str = "micro_batch"
+    aux_loss_scope: Literal[AUX_LOSS_SCOPES] = "micro_batch"
     """Where the load-balancing loss's load f and probability P are taken:
     ``micro_batch`` (this rank's tokens of this forward), ``sequence`` (DeepSeek-V3's
     complementary sequence-wise loss: f and P per sequence of a ``[B, S, D]`` input,
@@ -191,7 +191,7 @@ class MoEConfig:
     and over the micro-batches since ``MoELayer.start_global_batch()``; Megatron's
     global aux loss, Qwen's "Demons in the Detail")."""
 
-    router_dtype: str = "fp32"
+    router_dtype: Literal[ROUTER_DTYPES] = "fp32"
     """Precision of the router logits, scores and combine weights: ``fp32`` or ``fp64``."""
 
     swiglu_alpha: float = 1.702

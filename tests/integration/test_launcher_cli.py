@@ -38,7 +38,7 @@ def test_help_lists_every_option_grouped() -> None:
         assert title in text
     for opt in options():
         assert f"--{opt.names[0]} " in text, opt.names
-    assert "--a2a-algorithm STR flat: one all-to-all over the EP group" in text
+    assert "--a2a-algorithm FLAT|HIERARCHICAL|ALLGATHER|AUTO flat: one all-to-all over the EP group" in text
     assert "--ep-size VALUE Expert-parallel size" in text and "[value, default: auto]" in text
 
 
