@@ -49,5 +49,6 @@ def test_compare_hf_ep_tiny(tmp_path: Path) -> None:
         assert {"fsdp_all_gather", "fsdp_reduce_scatter", "all_to_all"} <= set(r["breakdown_ms"]["theirs"]), tag
         assert {"all_reduce", "all_to_all", "gemm"} <= set(r["breakdown_ms"]["ours"]), tag
         assert r["our_phases_ms"]["moe_total"] > 0 and "fwd dispatch_a2a" in r["our_phases_ms"], tag
+        assert r["step_ms"]["plain"] > 0 and r["floor_speedup"] > 0, tag
     assert r["our_phases_ms"].get("fwd shared_expert", 0) > 0  # DeepSeek's shared experts are timed
     assert "| qwen3_moe | 2 |" in md and "## Memory per rank" in md and "## Where the time goes" in md
