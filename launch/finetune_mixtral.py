@@ -19,6 +19,9 @@ Examples (from the repository root; needs ``pip install transformers``)::
 
     # one process (EP=1)
     python launch/finetune_mixtral.py --steps 5
+
+Every other supported family (Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS) and
+any MoEConfig override: ``launch/finetune_hf.py``.
 """
 
 from __future__ import annotations
