@@ -33,7 +33,7 @@ Timing: slowest rank's wall time after a barrier, median over iterations, every 
 alternating order each iteration. Memory: peak live tensor bytes of one forward +
 backward per rank with the collectives replayed (``_common.replayed_peak_bytes``:
 independent of the peers' timing, repeats agree exactly; spread reported), max over
-ranks, exchange buffers reported beside it. Phases: one profiled iteration per row
+ranks, exchange buffers reported beside it. Phases: profiled calls per row (minimum per category)
 (``_common.op_breakdown``), and our layer's own phase profile (``MoEProfiler``).
 
     DS_ACCELERATOR=cpu nice -n 10 python benchmarks/compare_peers.py                 # target config
@@ -88,6 +88,8 @@ def _args(argv: list[str] | None, defaults: dict | None = None) -> argparse.Name
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-repeats", type=int, default=3)
+    p.add_argument("--profile-repeats", type=int, default=3,
+                   help="profiled calls per row for the phase breakdown (minimum per category)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/compare_peers.json")
     if defaults:
@@ -302,11 +304,11 @@ def _worker(rank: int, world: int, a: argparse.Namespace) -> dict:
             continue
         dist.barrier()
         memory[name] = replayed_peak_bytes(impls[name], repeats=a.memory_repeats)
-    # Where the time goes: one profiled iteration per row.
+    # Where the time goes: profiled calls per row (minimum per category).
     breakdown = {}
     for name in names:
         dist.barrier()
-        breakdown[name] = op_breakdown(impls[name])
+        breakdown[name] = op_breakdown(impls[name], repeats=a.profile_repeats)
 
     # Our layer's phase profile for two steps (kept for cluster_model.py), first precision.
     prof = MoEProfiler({"moe": cf_layer}, groups, ProfilerConfig(start_step=0, num_steps=2))
@@ -568,12 +570,23 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
                       f"time), the most any layer could beat it by")
         md.append("")
         cats = ["gemm", "exchange", "index/permute", "cast/copy", "elementwise", "other ops", "python/framework"]
-        md += [f"### {d}: where the time goes (ms, one profiled iteration)", "",
+        md += [f"### {d}: where the time goes (ms, profiled calls)", "",
                "| row | " + " | ".join(cats) + " | wall |", "|---|" + "---:|" * (len(cats) + 1)]
         for n in [n for n in order if n in row["breakdown_ms"]]:
             b = row["breakdown_ms"][n]
             md.append(f"| {n} | " + " | ".join(f"{b.get(c, 0.0):.1f}" for c in cats) + f" | {b['wall']:.1f} |")
         md.append("")
+        diffs = [p for p in peers if p in row["breakdown_ms"]]
+        if diffs:
+            md += [f"### {d}: the difference to each peer (peer - ours, ms of the profiled calls; "
+                   "exchange includes waiting for the slower rank)", "",
+                   "| peer (vs) | " + " | ".join(cats) + " | wall |", "|---|" + "---:|" * (len(cats) + 1)]
+            for p in diffs:
+                ref = PEER_REF[p] if PEER_REF[p] in row["breakdown_ms"] else "ours_dropless"
+                b, r = row["breakdown_ms"][p], row["breakdown_ms"][ref]
+                md.append(f"| {p} ({ref}) | " + " | ".join(f"{b.get(c, 0.0) - r.get(c, 0.0):+.1f}" for c in cats)
+                          + f" | {b['wall'] - r['wall']:+.1f} |")
+            md.append("")
     md += ["## Targets", ""]
     for tg in report["targets"]:
         sym = ">=" if tg["kind"] == "min" else "<="
@@ -584,7 +597,10 @@ def _markdown(a, report: dict, by_dtype: dict, peers: list[str]) -> list[str]:
     md += ["", "Peer notes:"]
     for n, notes in report["peer_notes"].items():
         md.append(f"- {n}: " + "; ".join(notes))
-    md += ["", f"Memory: {report['memory_method']}."]
+    md += ["", f"Memory: {report['memory_method']}.",
+           f"Breakdown: profiler times are wall times; minimum per category over "
+           f"{getattr(a, 'profile_repeats', 1)} profiled call(s) per row (indicative under load; the CPU-time "
+           "ratios above are the load-robust numbers)."]
     return md
 
 

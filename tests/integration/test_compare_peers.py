@@ -18,7 +18,7 @@ from pathlib import Path
 from tests.integration.launcher import REPO, clean_env
 
 TINY = ("--tokens", "96", "--hidden", "32", "--ffn", "64", "--iters", "1", "--warmup", "1",
-        "--memory-repeats", "2")
+        "--memory-repeats", "2", "--profile-repeats", "1")
 
 
 def _run(out: Path, *args: str) -> tuple[dict, str]:
