@@ -3,8 +3,10 @@
 Hypothesis draws over the whole dispatcher matrix: the model dims, the number of
 experts, top-k, every router (with its own parameters: top-p mass, a selection bias,
 a noise map), the expert backend, the dispatch mode (flat, overlap with 2-4 chunks,
-static shapes; at EP=4 also the hierarchical exchange over two emulated 2-rank nodes,
-alone and pipelined), the capacity factor (or dropless), the drop policy, the tokens on
+static shapes, the padded all-gather (with its fallback); at EP=4 also the hierarchical
+exchange over two emulated 2-rank nodes, alone and pipelined), a random placement table
+(experts shuffled over the ranks, 0-2 replicas per rank; replica gradients summed before
+the comparison), the capacity factor (or dropless), the drop policy, the tokens on
 every rank (often 0: empty ranks) and a routing skew (everything to one expert, no token
 for one rank's experts, every token to one rank's experts). The EP ranks are real gloo processes, started once per EP
 size and fed one example at a time through queues (spawning per example would cost
@@ -24,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import random
 import tempfile
 import traceback
 from datetime import timedelta
@@ -35,6 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
+from expert_parallel.moe.placement import PlacementTable
 from expert_parallel.moe.stats import MoEStats
 from tests.distributed.scenarios import run_step
 
@@ -46,8 +50,24 @@ EXAMPLE_TIMEOUT_S = 120.0
 
 # ----------------------------------------------------------------------------- examples
 ROUTERS = ["softmax_topk", "switch", "sigmoid_topk", "noisy_topk", "top_p", "expert_choice"]
-MODES = {2: ["flat", "overlap", "static"], 4: ["flat", "overlap", "static", "hierarchical",
-                                                  "hierarchical_overlap"]}
+MODES = {2: ["flat", "overlap", "static", "allgather"],
+         4: ["flat", "overlap", "static", "allgather", "hierarchical", "hierarchical_overlap"]}
+
+
+def placement_table(ex: dict) -> Optional[PlacementTable]:
+    """The example's random placement: a shuffle of the experts plus ``extra`` replicas
+    per rank on random distinct ranks (None: the contiguous identity layout)."""
+    if ex.get("placement") is None:
+        return None
+    extra, seed = ex["placement"]
+    ep, E = ex["ep"], ex["num_experts"]
+    rng = random.Random(seed)
+    s = E // ep + extra
+    while True:
+        slots = list(range(E)) + [rng.randrange(E) for _ in range(extra * ep)]
+        rng.shuffle(slots)
+        if all(len(set(slots[r * s : (r + 1) * s])) == s for r in range(ep)):
+            return PlacementTable(tuple(slots), E, ep)
 
 
 @st.composite
@@ -82,6 +102,9 @@ def examples(draw: Any, ep: int) -> dict:
         "skew": skew,
         "skew_target": draw(st.integers(0, num_experts - 1 if skew == "one" else ep - 1)),
         "seed": draw(st.integers(0, 2**16)),
+        # Half the examples place the experts by a random table, some with replicas.
+        "placement": draw(st.one_of(st.none(), st.tuples(st.integers(0, 2), st.integers(0, 2**16)))),
+        "allgather_max_tokens": draw(st.integers(8, 32)),
         # The hierarchical modes run over two emulated nodes of 2 ranks (EP=4 only).
         "ranks_per_node": 2 if mode.startswith("hierarchical") else 0,
     }
@@ -96,13 +119,18 @@ def mode_overrides(ex: dict) -> dict:
         out["overlap_chunks"] = ex.get("chunks", 2)
     if mode == "static":
         out.update(static_shapes=True, nonfinite_policy="count")
+    if mode == "allgather":  # padded all-gather; a rank over the cap makes all fall back to flat
+        out.update(a2a_algorithm="allgather", allgather_max_tokens=ex.get("allgather_max_tokens", 32))
     return out
 
 
 def build_layer(ex: dict, groups: Optional[ParallelGroups], reference: bool = False) -> MoELayer:
     modes = mode_overrides(ex)
+    table = None if reference else placement_table(ex)
     if reference:  # EP=1 reference: no exchange to shape (static keeps its padded path)
         modes = {k: v for k, v in modes.items() if k in ("static_shapes", "nonfinite_policy")}
+    if table is not None:
+        modes["num_redundant_experts"] = table.num_slots - ex["num_experts"]
     cap = ex["capacity_factor"]
     cfg = MoEConfig(hidden_size=ex["hidden"], ffn_hidden_size=ex["ffn"], num_experts=ex["num_experts"],
                     top_k=ex["top_k"], router=ex["router"], capacity_factor=cap,
@@ -112,6 +140,8 @@ def build_layer(ex: dict, groups: Optional[ParallelGroups], reference: bool = Fa
                     aux_loss_coeff=0.01, z_loss_coeff=0.001,
                     bias_update_rate=0.01 if ex["router"] == "sigmoid_topk" else 0.0, **modes)
     layer = MoELayer(cfg, groups, seed=ex["seed"], name="property")
+    if table is not None:
+        layer.set_placement(table)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(ex["seed"])
         if ex["router"] == "sigmoid_topk":
@@ -161,7 +191,11 @@ def _pool_worker(rank: int, world: int, store: str, tasks: Any, results: Any) ->
             layer = build_layer(ex, layouts[ex.get("ranks_per_node", 0)])
             x, cot = batch(ex, rank)
             torch.manual_seed(ex["seed"] + rank)  # noisy_topk: the same draws as the reference
-            payload = {"ok": True, "result": run_step(layer, x, cot)}
+            result = run_step(layer, x, cot)
+            layer.sync_replica_grads()  # replicas: every slot then holds its expert's full grad
+            result["grads"].update({f"experts.{n}": p.grad.detach().clone()
+                                    for n, p in layer.experts.named_parameters()})
+            payload = {"ok": True, "result": result}
         except Exception:  # noqa: BLE001 - reported to the parent
             payload = {"ok": False, "error": traceback.format_exc()}
         buf = io.BytesIO()
@@ -271,7 +305,7 @@ def check_example(ex: dict, results: list[dict]) -> None:
         ids = got["expert_ids"]
         for name, grad in got["grads"].items():
             if name.startswith("experts."):
-                want = sum(r["grads"][name][ids[0] : ids[-1] + 1] for r in refs)
+                want = sum(r["grads"][name][ids] for r in refs)  # ids: each slot's logical expert
                 _close(grad, want, f"{tag} grad {name}")
 
 
