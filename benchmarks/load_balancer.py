@@ -12,9 +12,11 @@ measured load, interleaved iteration by iteration, forward + backward. Reported:
 measured max/mean kept rows per rank (from ``MoEStats.kept_slots_P``, reduced over
 ranks) beside the planner's prediction, the slowest rank's wall time and all ranks' CPU
 time, the memory a redundant slot costs (weights + AdamW moments), and one live
-re-placement's cost (seconds, bytes moved). ``--trained DIR``: also the balance the
-planner reaches on the per-expert load of a launcher run (``DIR/summary.json``, e.g. one
-trained with ``--aux-loss-coeff 0``). The cluster model (``cluster_model.py``) then
+re-placement's cost (seconds, bytes moved). ``--trained``: also the balance the
+planner reaches on the per-expert load of a launcher run (its ``summary.json``; the
+default is one trained here with the aux loss off:
+``torchrun --nproc_per_node=2 launch/train.py --ep-size 2 --num-experts 16 --aux-loss-coeff 0
+--z-loss-coeff 0 --max-steps 300``, kept rows per expert, all layers). The cluster model (``cluster_model.py``) then
 predicts the step's expert + exchange time at 64-256 GPUs with and without the balance.
 
 On this 2-core machine 4 ranks share 2 cores: a rank waiting for a slower peer sleeps
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=3)
-    p.add_argument("--trained", default="", help="a launcher --out directory: balance its measured load")
+    p.add_argument("--trained", default="benchmarks/results/load_balancer_trained_summary.json",
+                   help="a launcher --out directory or its summary.json: balance its measured load ('' = skip)")
     add_dtype_arg(p)
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke run (the test suite)")
     p.add_argument("--out", default="benchmarks/results/load_balancer.json")
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.trained:
         import json
 
-        with open(os.path.join(a.trained, "summary.json")) as fh:
+        path = a.trained if os.path.isfile(a.trained) else os.path.join(a.trained, "summary.json")
+        with open(path) as fh:
             per_layer = json.load(fh)["tokens_per_expert"]
         for layer_name, load in per_layer.items():
             before = PlacementTable.identity(len(load), a.ranks).rank_loads(load)
