@@ -9,22 +9,23 @@ and what differs from the closest mapping.
 
 Structure does not show everything (which activation, whether a top-1 weight is
 renormalised, the order of gate and up rows), so for the first block of every (class,
-mapping) pair :func:`verify_block` runs the installed transformers block and an EP=1
-:class:`MoELayer` built from the same weights on the same probe tokens (eval mode, no
-grad, deterministic, identical on every rank) and refuses the block with a
-``TypeError`` if the outputs differ. A transformers upgrade that changes a block's
+mapping) pair :func:`verify_block` runs the installed transformers block and the
+expert-parallel :class:`MoELayer` built from the mapping's config and the same weights
+on the same probe tokens (eval mode, no grad, identical input on every rank; the layer
+holds only its shard, so no second copy of the experts is made) and refuses the block
+with a ``TypeError`` if the outputs differ. A transformers upgrade that changes a block's
 function is caught here, at replacement time, rather than in the logits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from ...config import MoEConfig
 from ...moe.layer import MoELayer
 from . import deepseek_v3, gpt_oss, mixtral, qwen2_moe, qwen3_moe
 from .mapping import Mapping
@@ -115,34 +116,39 @@ def block_output(block: nn.Module, mapping: Mapping, x: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def verify_block(found: BlockMatch, config: MoEConfig, ours_sd: dict[str, torch.Tensor]) -> float:
-    """Run the HF block and an EP=1 layer with the same weights on probe tokens; returns
-    the relative difference, ``TypeError`` above the dtype's tolerance."""
+def verify_block(found: BlockMatch, layer: MoELayer) -> float:
+    """Run the HF block (full weights, on this rank) and ``layer`` (built from the mapping's
+    own config with the block's weights, sharded over its EP group) on the same probe
+    tokens on every rank; returns the relative difference, or raises ``TypeError`` above
+    the dtype's tolerance. Collective over the layer's groups (the largest difference is
+    agreed on all ranks, so every rank decides alike); costs no extra copy of the experts."""
     block, mapping = found.block, found.mapping
-    ref = ours_sd["experts.w1_eDF"]
+    like = layer.router.weight
+    dtype = layer.experts.w1_eDF.dtype
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, PROBE_TOKENS, config.hidden_size, generator=gen).to(ref.device, ref.dtype)
-    was_training = block.training
+    x = torch.randn(1, PROBE_TOKENS, layer.config.hidden_size, generator=gen).to(like.device, dtype)
+    modes = block.training, layer.training
     block.eval()
+    layer.eval()
     try:
         want = block_output(block, mapping, x.clone()).float()
+        got = layer(x).output.float()
     finally:
-        block.train(was_training)
-    # Always dropless and in eval: the probe checks the function, not the capacity choice.
-    layer = MoELayer(config.replace(capacity_factor=None, eval_capacity_factor=None, router_jitter=0.0,
-                                    static_shapes=False), None, seed=0, name=f"{found.name} (probe)")
-    load_layer(layer, ours_sd)
-    layer.eval()
-    got = layer(x).output.float()
-    scale = want.abs().max().clamp_min(1e-30)
-    rel = float((got - want).abs().max() / scale)
-    tol = VERIFY_RTOL.get(ref.dtype, VERIFY_RTOL_LOW)
-    if not rel <= tol:
+        block.train(modes[0])
+        layer.train(modes[1])
+    rel = torch.tensor([float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))],
+                       dtype=torch.float64, device=like.device)
+    group = layer.groups.dp_group
+    if group is not None:
+        dist.all_reduce(rel, op=dist.ReduceOp.MAX, group=group)
+    worst = float(rel)
+    tol = VERIFY_RTOL.get(dtype, VERIFY_RTOL_LOW)
+    if not worst <= tol:
         raise TypeError(
             f"{found.name}: {type(block).__name__} has the structure of the {mapping.name!r} mapping but the "
             f"installed transformers {transformers_version()} computes another function: on {PROBE_TOKENS} "
-            f"probe tokens our layer differs by {rel:.3g} (relative, max |diff| / max |HF|) > {tol:g}")
-    return rel
+            f"probe tokens our layer differs by {worst:.3g} (relative, max |diff| / max |HF|) > {tol:g}")
+    return worst
 
 
 def load_layer(layer: MoELayer, ours_sd: dict[str, torch.Tensor]) -> None:

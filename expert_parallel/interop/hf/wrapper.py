@@ -96,7 +96,8 @@ def replace_moe_blocks(
     ``overlap_chunks=2``, ``router='noisy_topk'``; without them the layer computes exactly
     the HF block's function (dropless). ``block_types`` restricts the search to those
     classes. ``verify`` checks the first block of every class against the installed
-    transformers forward on probe tokens (``TypeError`` if it differs). Blocks the
+    transformers forward on probe tokens (``TypeError`` if it differs; collective, no extra
+    copy of the experts). Blocks the
     mappings do not support are refused with a ``TypeError`` before anything changes.
     """
     if groups is not None and not isinstance(groups, ParallelGroups):
@@ -119,11 +120,18 @@ def replace_moe_blocks(
     for f, base, cfg in plans:
         sd = f.mapping.to_ours(dict(f.block.state_dict()))
         key = (type(f.block), f.mapping.name)
+        layer = None
         if verify and key not in verified:
-            verify_block(f, base, sd)
+            # The mapping's own function is what is checked, so the probe layer has no overrides.
+            layer = MoELayer(base, groups, seed=seed, name=f.name)
+            load_layer(layer, sd)
+            verify_block(f, layer)
             verified.add(key)
-        layer = MoELayer(cfg, groups, seed=seed, name=f.name)
-        load_layer(layer, sd)
+            if cfg != base:
+                layer = None
+        if layer is None:
+            layer = MoELayer(cfg, groups, seed=seed, name=f.name)
+            load_layer(layer, sd)
         layer.train(f.block.training)
         wrapper = HFMoEBlock(layer, f.mapping, f.block)
         wrapper.train(f.block.training)
