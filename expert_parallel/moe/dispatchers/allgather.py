@@ -11,8 +11,8 @@ all-to-all with equal splits); each rank runs its experts on the gathered rows r
 them; the partial outputs go back to their source rank and are summed there (a
 reduce-scatter, again one equal-split all-to-all)::
 
-    x_pad [C, D] + side [C, 2K + 2] (weight, expert or sentinel, T, NaN flag)
-       ── all-to-all, splits C ──►  X [R*C, D], side [R*C, 2K+2]      (in flight together)
+    [x_pad | side] [C, D + 2K + 2] (rows | weight, expert or sentinel, T, NaN flag)
+       ── all-to-all, splits C ──►  [X | side] [R*C, D + 2K + 2]     (one message)
     host read: rows per local expert + every rank's T and flag          (the one host sync)
     local rows: stable sort of the gathered pairs by local expert  ->  experts  ->  y * w
        index_add into out [R*C, D] (fp32)  ── all-to-all, splits C ──►  [R, C, D]  sum over R
@@ -77,32 +77,30 @@ class AllGatherDispatcher(Dispatcher):
         """Dispatch by all-gather; ``None`` when some rank holds more than C tokens."""
         C, R, K, E, e = self.max_tokens, self.ep_size, routing.topk_idx_TK.shape[1], self.num_experts, self.num_local
         T, timer = x_TD.shape[0], self.timer
+        D = x_TD.shape[-1]
         with timer.phase("permute"):
-            fill = max(C - T, 0)
-            x_CD = torch.cat([x_TD[:C], x_TD.new_zeros(fill, x_TD.shape[-1])])
-            key_TK = torch.where(plan.kept_TK, routing.topk_idx_TK, torch.full_like(routing.topk_idx_TK, E))
-            w = routing.topk_weight_TK.to(torch.float64)
-            head = torch.stack([torch.full((T,), float(T), dtype=torch.float64, device=x_TD.device),
-                                routing.nonfinite.to(torch.float64).expand(T)], 1)
-            side_T = torch.cat([w, key_TK.to(torch.float64), head], 1)[:C]
-            pad = torch.cat([torch.zeros(fill, K, dtype=torch.float64, device=x_TD.device),
-                             torch.full((fill, K), float(E), dtype=torch.float64, device=x_TD.device),
-                             torch.tensor([[float(T), 0.0]], dtype=torch.float64, device=x_TD.device).expand(fill, 2)
-                             .contiguous() if fill else torch.zeros(0, 2, dtype=torch.float64, device=x_TD.device)], 1)
-            side_C = torch.cat([side_T, pad])
-            if T == 0:  # no token row to carry this rank's (empty) header: row 0 of the pad has it
-                side_C[:, 2 * K + 1] = routing.nonfinite.to(torch.float64)
+            # ONE message: the padded rows and their routing side by side, in a dtype wide
+            # enough for both (the rows', or the combine weights' when wider; expert ids and
+            # token counts are small integers, exact in it). A decode-size exchange is
+            # latency-bound: one exchange instead of two matters, the extra bytes do not.
+            dt = torch.promote_types(x_TD.dtype, routing.topk_weight_TK.dtype)
+            n = min(T, C)
+            msg = x_TD.new_zeros(C, D + 2 * K + 2, dtype=dt)
+            msg[:n, :D] = x_TD[:n]
+            msg[:n, D : D + K] = routing.topk_weight_TK[:n]
+            msg[:, D + K : D + 2 * K] = E  # pad pairs (and dropped ones, below): the sentinel
+            msg[:n, D + K : D + 2 * K] = torch.where(plan.kept_TK, routing.topk_idx_TK, E)[:n]
+            msg[:, D + 2 * K] = T  # the header: every row carries this rank's T and NaN flag
+            msg[:, D + 2 * K + 1] = routing.nonfinite
         splits = [C] * R
-        rows = send(x_CD.repeat(R, 1), splits, splits, self.group, "dispatch_a2a", timer, in_flight=True)
-        sides = send(side_C.repeat(R, 1), splits, splits, self.group, "dispatch_a2a", timer, in_flight=True)
-        X = receive(rows, timer)
-        S = receive(sides, timer)
+        recv = receive(send(msg.repeat(R, 1), splits, splits, self.group, "dispatch_a2a", timer), timer)
+        S = recv[:, D:]
         with timer.phase("permute"):
             key_NK = S[:, K : 2 * K].detach().to(torch.long)
             mine = torch.div(key_NK, e, rounding_mode="floor") == self.rank
             local_NK = torch.where(mine, key_NK - self.rank * e, torch.full_like(key_NK, e))
             counts = count_ids(local_NK, e + 1)[:e]
-            peers = S.detach()[:: C, 2 * K :]  # one header per source rank (row 0 of its block)
+            peers = S.detach()[:: C, 2 * K :].to(torch.float64)  # one header per source rank
         with timer.phase("count_exchange"), host_sync("allgather_counts"):
             host = torch.cat([counts.to(torch.float64), peers.reshape(-1)]).tolist()
         counts_local = tuple(int(v) for v in host[:e])
@@ -116,7 +114,7 @@ class AllGatherDispatcher(Dispatcher):
             order = torch.sort(local_NK.reshape(-1), stable=True).indices[: sum(counts_local)]
             rows_N = torch.div(order, K, rounding_mode="floor")
             weight_N = S[:, :K].reshape(-1).index_select(0, order).to(routing.topk_weight_TK.dtype)
-            x_ND = X.index_select(0, rows_N)
+            x_ND = recv[:, :D].index_select(0, rows_N).to(x_TD.dtype)  # fresh rows: [N, D] strides
         meta = DispatchMetadata(num_tokens=T, token_S=rows_N, weight_S=weight_N, input_splits=tuple(splits),
                                 output_splits=tuple(splits), counts_local=counts_local, unregroup_N=None,
                                 nonfinite_ranks=flags, out_dtype=x_TD.dtype,
