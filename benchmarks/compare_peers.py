@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
     a = _args(argv, defaults)
     if a.experts % a.ep:
         raise ValueError(f"--experts={a.experts} must be divisible by --ep={a.ep}")
+    env = environment()  # before the run: its load average is the load at start
     results = spawn(_worker, a.ep, a, threads=a.threads)
     r0 = results[0]
     cf = a.capacity_factor
@@ -452,7 +453,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, benchmark:
     report = {
         "benchmark": benchmark,
         "config": {k: v for k, v in vars(a).items()},
-        **environment(),
+        **env,
         "precisions": r0["precisions"],
         "by_dtype": by_dtype,
         "primary_dtype": primary,
