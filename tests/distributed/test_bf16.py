@@ -7,7 +7,9 @@ gloo ranks run each scenario twice on the same weights and batch: in fp32, and u
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. The bf16 rules (docs/PRECISION.md):
 
 * the router runs in fp32, so routing, capacity and every count are *exactly* equal;
-* the dispatch and combine all-to-alls move bf16 rows: exactly half the fp32 bytes;
+* the dispatch and combine all-to-alls move bf16 rows: exactly half the fp32 bytes (the
+  all-gather dispatcher's dispatch sends rows and fp32 routing as one fp32 message: the
+  fp32 run's bytes);
 * output, input gradient and router/expert gradients agree with fp32 within
   ``REL_TOL`` = 3% of the largest fp32 magnitude of that tensor (bf16 keeps 8
   significant bits: one rounding is <= 2**-9 = 0.2%; the expert MLP rounds its inputs,
