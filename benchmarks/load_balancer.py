@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
             ax.bar([x + width / 2 for x in xs], c["placed"]["rank_rows"], width, label="placed")
             ax.set(title=name, xlabel="EP rank", ylabel="kept rows")
         axes[0][0].legend()
-        fig.suptitle("rows per rank before / after placement")
+        fig.suptitle("kept rows per EP rank: identity placement vs the planner's table", y=1.03)
+        fig.tight_layout()
 
     write_report(a.out, report, md, plot)
     print("\n".join(md))
