@@ -358,7 +358,8 @@ def _markdown(report: dict) -> list[str]:
         f"experts implementation `{rows[0]['their_experts_implementation']}`.",
         f"transformers {report['versions'].get('transformers')}, torch {report['versions']['torch']}, "
         f"{hw['cpus']} CPUs ({hw['cpu_model']}); load average (1/5/15 min) at the end "
-        f"{hw.get('load_average_1_5_15')} -- the machine is shared, so the CPU-time ratio is given beside the wall one.",
+        f"{hw.get('load_average_1_5_15')} -- the machine is shared, so the CPU-time ratio is given beside the "
+        "wall one.",
         "", f"Target: theirs / ours >= {report['target_speedup']} per step at equal logits, every family, EP=2 and 4: "
         f"**{'met' if report['all_met'] else 'missed'}** (lowest {report['min_speedup']:.2f}x).", "",
         "| family | EP | logits ours / theirs vs HF (rel) | ours ms | theirs ms | speedup (wall) | speedup (CPU) "
@@ -370,22 +371,31 @@ def _markdown(report: dict) -> list[str]:
         miss = "met" if r["target_met"] else f"missed by {report['target_speedup'] - r['speedup']:.2f}"
         lines.append(f"| {r['family']} | {r['ep']} | {eq['ours_vs_plain']:.1e} / {eq['theirs_vs_plain']:.1e} | "
                      f"{r['step_ms']['ours']:.0f} | {r['step_ms']['theirs']:.0f} | **{r['speedup']:.2f}x** | "
-                     f"{r['speedup_cpu']:.2f}x | {miss} | {r['step_ms']['plain']:.0f} | {r['ours_over_floor_cpu']:.2f} | "
-                     f"{r['floor_speedup_cpu']:.2f}x | {r['load_average_during'][0]} |")
+                     f"{r['speedup_cpu']:.2f}x | {miss} | {r['step_ms']['plain']:.0f} | "
+                     f"{r['ours_over_floor_cpu']:.2f} | {r['floor_speedup_cpu']:.2f}x | "
+                     f"{r['load_average_during'][0]} |")
+    fl = [r["floor_speedup_cpu"] for r in rows]
+    of = [r["ours_over_floor_cpu"] for r in rows]
+    lines += ["", f"Why: in CPU time theirs costs only {min(fl):.2f}-{max(fl):.2f}x the no-communication floor, so "
+              f"an EP with free communication and HF's own compute would be at most that much faster than theirs; "
+              f"ours runs at {min(of):.2f}-{max(of):.2f}x the floor. What is left between our step and theirs / "
+              f"{report['target_speedup']} is compute both must do (the GEMMs dominate; see the breakdown)."]
     lines += ["", "floor = plain transformers on the rank's own batch with every expert local (the FLOPs of either "
-              "EP, no communication, no gradient exchange): `floor's speedup` = theirs / floor is the most any EP "
-              "computing HF's function could reach against theirs; `ours / floor` is what our communication and "
-              "layer cost on top of it."]
+              "EP, no communication, no gradient exchange): `floor's speedup` = theirs / floor is the most an EP "
+              "with HF's own compute and free communication could reach against theirs; `ours / floor` is what "
+              "our communication and layer cost on top of it."]
     lines += ["", "## Memory per rank (MiB)", "",
               "Parameters held (dense / experts) and the step's peak of live tensors above them (activations, "
               "gradients, exchange buffers). FSDP2 keeps 1/W of the dense parameters and gradients on each rank; "
               "we replicate them, which is the whole of the dense difference. ZeRO-2 row: ours with the dense "
               "gradients sharded (estimate, arithmetic).", "",
               "| family | EP | ours dense / experts | ours step peak | ours total | theirs dense / experts "
-              "| theirs step peak | theirs total | ZeRO-2 est. total | method |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| theirs step peak | theirs total | ZeRO-2 est. total | method |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, t = r["memory"]["ours"], r["memory"]["theirs"]
-        lines.append(f"| {r['family']} | {r['ep']} | {o['param_mib']['dense']:.1f} / {o['param_mib']['experts']:.1f} | "
+        lines.append(f"| {r['family']} | {r['ep']} | {o['param_mib']['dense']:.1f} / "
+                     f"{o['param_mib']['experts']:.1f} | "
                      f"{o['step_peak_mib']:.1f} | {o['total_mib']:.1f} | {t['param_mib']['dense']:.1f} / "
                      f"{t['param_mib']['experts']:.1f} | {t['step_peak_mib']:.1f} | {t['total_mib']:.1f} | "
                      f"{r['memory']['zero2_estimate']['total_mib']:.1f} | {o['method']} / {t['method']} |")
@@ -394,7 +404,8 @@ def _markdown(report: dict) -> list[str]:
         lines += ["", "## Where the time goes (one profiled step, rank 0, ms)", "",
                   "Self CPU time of the ops by category; exchanges split by collective (gloo transfer time, waiting "
                   "for the peer included); python/framework = the rest of the wall time.", "",
-                  "| family | EP | side | " + " | ".join(cats) + " | wall |", "|---|---|---|" + "---|" * (len(cats) + 1)]
+                  "| family | EP | side | " + " | ".join(cats) + " | wall |",
+                  "|---|---|---|" + "---|" * (len(cats) + 1)]
         for r in rows:
             for side, bd in r["breakdown_ms"].items():
                 lines.append(f"| {r['family']} | {r['ep']} | {side} | " +

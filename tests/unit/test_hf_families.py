@@ -148,7 +148,8 @@ REFUSED = {
     "llama4_text": (dict(intermediate_size=24, intermediate_size_mlp=48, num_local_experts=8, num_experts_per_tok=1),
                     "Llama4TextMoe", "extra child module ['shared_expert']"),
     "ernie4_5_moe": (dict(moe_intermediate_size=24, intermediate_size=48, moe_num_experts=8, moe_k=2,
-                          moe_layer_start_index=0), "Ernie4_5_MoeSparseMoeBlock", "extra child module ['shared_experts']"),
+                          moe_layer_start_index=0),
+                     "Ernie4_5_MoeSparseMoeBlock", "extra child module ['shared_experts']"),
 }
 
 
@@ -186,7 +187,8 @@ def test_unsupported_blocks_are_refused_naming_class_and_difference(model_type: 
 def test_a_changed_structure_is_refused() -> None:
     model = small_model(small_config("qwen3_moe"), seed=1)
     model.model.layers[1].mlp.post_norm = nn.LayerNorm(32)
-    with pytest.raises(TypeError, match=r"model.layers.1.mlp: Qwen3MoeSparseMoeBlock .*extra child module \['post_norm'\]"):
+    with pytest.raises(TypeError,
+                       match=r"model.layers.1.mlp: Qwen3MoeSparseMoeBlock .*extra child module \['post_norm'\]"):
         replace_moe_blocks(model)
 
 
