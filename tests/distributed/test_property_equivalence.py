@@ -8,9 +8,9 @@ exchange over two emulated 2-rank nodes, alone and pipelined), a random placemen
 (experts shuffled over the ranks, 0-2 replicas per rank; replica gradients summed before
 the comparison), the capacity factor (or dropless), the drop policy, the tokens on
 every rank (often 0: empty ranks) and a routing skew (everything to one expert, no token
-for one rank's experts, every token to one rank's experts). The EP ranks are real gloo processes, started once per EP
-size and fed one example at a time through queues (spawning per example would cost
-seconds); the parent runs the EP=1 reference on each rank's batch. Outputs, aux loss,
+for one rank's experts, every token to one rank's experts). The EP ranks are real gloo processes: the harness's
+live rank pool, fed one example at a time (spawning per example would cost seconds);
+the parent runs the EP=1 reference on each rank's batch. Outputs, aux loss,
 stats, input and router gradients must match per rank, and each expert's gradient the
 sum of the reference gradients over all ranks (as in ``test_ep_equivalence.py``).
 
@@ -23,12 +23,8 @@ runs 200 random examples per EP size (the variable is read by this test only).
 
 from __future__ import annotations
 
-import io
 import os
-import queue
 import random
-import tempfile
-import traceback
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -39,8 +35,8 @@ from hypothesis import strategies as st
 
 from expert_parallel import MoEConfig, MoELayer, ParallelGroups
 from expert_parallel.moe.placement import PlacementTable
-from expert_parallel.moe.stats import MoEStats
 from tests.distributed.scenarios import run_step
+from tests.harness import run_ranks
 
 EXAMPLES = int(os.environ.get("MOE_PROPERTY_EXAMPLES", "10"))
 LONG_RUN = "MOE_PROPERTY_EXAMPLES" in os.environ
@@ -55,19 +51,22 @@ MODES = {2: ["flat", "overlap", "static", "allgather"],
 
 
 def placement_table(ex: dict) -> Optional[PlacementTable]:
-    """The example's random placement: a shuffle of the experts plus ``extra`` replicas
-    per rank on random distinct ranks (None: the contiguous identity layout)."""
+    """The example's random placement: the experts shuffled over the ranks, plus up to
+    ``extra`` replicas per rank of experts the rank does not hold yet (None: the
+    contiguous identity layout)."""
     if ex.get("placement") is None:
         return None
     extra, seed = ex["placement"]
     ep, E = ex["ep"], ex["num_experts"]
+    extra = min(extra, E - E // ep)  # a rank holds each expert at most once
     rng = random.Random(seed)
-    s = E // ep + extra
-    while True:
-        slots = list(range(E)) + [rng.randrange(E) for _ in range(extra * ep)]
-        rng.shuffle(slots)
-        if all(len(set(slots[r * s : (r + 1) * s])) == s for r in range(ep)):
-            return PlacementTable(tuple(slots), E, ep)
+    experts = list(range(E))
+    rng.shuffle(experts)
+    slots: list[int] = []
+    for r in range(ep):
+        mine = experts[r * (E // ep) : (r + 1) * (E // ep)]
+        slots += mine + rng.sample([g for g in range(E) if g not in mine], extra)
+    return PlacementTable(tuple(slots), E, ep)
 
 
 @st.composite
@@ -171,108 +170,21 @@ def batch(ex: dict, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(x.shape, generator=gen)
 
 
-# ----------------------------------------------------------------------------- rank pool
-def _pool_worker(rank: int, world: int, store: str, tasks: Any, results: Any) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    timeout = timedelta(seconds=60)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timeout)
-    # Every group layout an example may ask for, built once (group creation is collective).
-    layouts = {0: ParallelGroups.build(world, timeout=timeout)}
-    if world == 4:
-        layouts[2] = ParallelGroups.build(world, timeout=timeout, ranks_per_node=2)
-    while True:
-        ex = tasks.get()
-        if ex is None:
-            break
-        try:
-            layer = build_layer(ex, layouts[ex.get("ranks_per_node", 0)])
-            x, cot = batch(ex, rank)
-            torch.manual_seed(ex["seed"] + rank)  # noisy_topk: the same draws as the reference
-            result = run_step(layer, x, cot)
-            layer.sync_replica_grads()  # replicas: every slot then holds its expert's full grad
-            result["grads"].update({f"experts.{n}": p.grad.detach().clone()
-                                    for n, p in layer.experts.named_parameters()})
-            payload = {"ok": True, "result": result}
-        except Exception:  # noqa: BLE001 - reported to the parent
-            payload = {"ok": False, "error": traceback.format_exc()}
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        results.put((rank, buf.getvalue()))
-    dist.destroy_process_group()
+# ----------------------------------------------------------------------------- ranks
+def _example_worker(rank: int, world: int, ex: dict) -> dict:
+    """One example on the harness's live ranks (its pool: no spawn per example)."""
+    groups = ParallelGroups.build(world, timeout=timedelta(seconds=60), ranks_per_node=ex.get("ranks_per_node", 0))
+    layer = build_layer(ex, groups)
+    x, cot = batch(ex, rank)
+    torch.manual_seed(ex["seed"] + rank)  # noisy_topk: the same draws as the reference
+    result = run_step(layer, x, cot)
+    layer.sync_replica_grads()  # replicas: every slot then holds its expert's full grad
+    result["grads"].update({f"experts.{n}": p.grad.detach().clone() for n, p in layer.experts.named_parameters()})
+    return result
 
 
-class RankPool:
-    """``world`` long-lived gloo ranks (EP = world) that run one example per request."""
-
-    def __init__(self, world: int) -> None:
-        self.world = world
-        self.procs: list = []
-        self.broken = True
-
-    def _start(self) -> None:
-        import torch.multiprocessing as mp
-
-        self.close()
-        ctx = mp.get_context("spawn")
-        self.tmp = tempfile.TemporaryDirectory()
-        self.tasks = [ctx.Queue() for _ in range(self.world)]
-        self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_pool_worker, daemon=True,
-                                  args=(r, self.world, f"{self.tmp.name}/store", self.tasks[r],
-                                        self.results)) for r in range(self.world)]
-        for p in self.procs:
-            p.start()
-        self.broken = False
-
-    def run(self, ex: dict) -> list[dict]:
-        if self.broken:  # a failed example may leave ranks out of step: start afresh
-            self._start()
-        for q in self.tasks:
-            q.put(ex)
-        got: dict[int, dict] = {}
-        try:
-            while len(got) < self.world:
-                rank, blob = self.results.get(timeout=EXAMPLE_TIMEOUT_S)
-                with torch.serialization.safe_globals([MoEStats]):
-                    got[rank] = torch.load(io.BytesIO(blob), weights_only=True)
-        except queue.Empty:
-            self.broken = True
-            raise TimeoutError(f"EP={self.world} ranks did not answer within {EXAMPLE_TIMEOUT_S}s") from None
-        errors = [f"rank {r}:\n{p['error']}" for r, p in sorted(got.items()) if not p["ok"]]
-        if errors:
-            self.broken = True
-            raise AssertionError("distributed example failed:\n" + "\n".join(errors))
-        return [got[r]["result"] for r in range(self.world)]
-
-    def close(self) -> None:
-        for q, p in zip(getattr(self, "tasks", []), self.procs):
-            if p.is_alive():
-                q.put(None)
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        self.procs = []
-        if hasattr(self, "tmp"):
-            self.tmp.cleanup()
-
-
-@pytest.fixture(scope="module")
-def pools():
-    made: dict[int, RankPool] = {}
-
-    def get(world: int) -> RankPool:
-        if world not in made:
-            made[world] = RankPool(world)
-        return made[world]
-
-    yield get
-    for pool in made.values():
-        pool.close()
+def run_example(ex: dict) -> list[dict]:
+    return run_ranks(_example_worker, ex["ep"], ex, timeout=EXAMPLE_TIMEOUT_S)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -317,24 +229,23 @@ PROPERTY_SETTINGS = settings(
 
 @PROPERTY_SETTINGS
 @given(ex=examples(2))
-def test_ep2_matches_ep1_reference(pools, ex: dict) -> None:
-    check_example(ex, pools(2).run(ex))
+def test_ep2_matches_ep1_reference(ex: dict) -> None:
+    check_example(ex, run_example(ex))
 
 
 @PROPERTY_SETTINGS
 @given(ex=examples(4))
-def test_ep4_matches_ep1_reference(pools, ex: dict) -> None:
-    check_example(ex, pools(4).run(ex))
+def test_ep4_matches_ep1_reference(ex: dict) -> None:
+    check_example(ex, run_example(ex))
 
 
-def test_pool_reports_a_failing_rank(pools) -> None:
-    """The harness itself can fail: a bad example surfaces as an error, and the pool
-    recovers for the next one."""
-    pool = pools(2)
+def test_pool_reports_a_failing_rank() -> None:
+    """The harness itself can fail: a bad example surfaces as an error naming it, the pool
+    is retired, and the next example runs on fresh ranks."""
     bad = {"ep": 2, "hidden": 8, "ffn": 8, "num_experts": 3, "top_k": 1, "router": "softmax_topk",
            "capacity_factor": None, "min_capacity": 0, "drop_policy": "position",
            "tokens": [3, 3], "skew": None, "skew_target": 0, "seed": 1}
-    with pytest.raises(AssertionError, match="num_experts=3 must be divisible by ep_size=2"):
-        pool.run(bad)
+    with pytest.raises(RuntimeError, match="num_experts=3 must be divisible by ep_size=2"):
+        run_example(bad)
     good = dict(bad, num_experts=4)
-    check_example(good, pool.run(good))
+    check_example(good, run_example(good))
