@@ -1,4 +1,4 @@
-"""``MoELayer``: route -> capacity -> run (dispatch -> experts -> combine) -> stats.
+"""``MoELayer``: route -> capacity -> (placement) -> run (dispatch -> experts -> combine) -> stats.
 
 Legend: T tokens, D model dim, E experts, K choices.
 
@@ -133,52 +133,67 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
         self.forward_calls += 1
-        cfg, timer = self.config, self.timer
+        timer = self.timer
         # Backward-time marks (identity; only with an enabled timer, see profiling/timer.py):
         # the input's gradient is complete when the whole layer backward is done ("router"),
         # and the output's gradient arriving starts it ("begin", below).
-        x_TD = timer.mark(x.reshape(-1, cfg.hidden_size), "router")
-        num_tokens = x_TD.shape[0]
+        x_TD = timer.mark(x.reshape(-1, self.config.hidden_size), "router")
         with timer.phase("router"):
-            routing = self.router(x_TD, num_sequences=x.shape[0] if x.dim() == 3 else 1,
-                                  global_load=self.global_load)
-            capacity = cfg.capacity(num_tokens, self.training)
-            plan = plan_capacity(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
-                                 capacity, cfg.drop_policy, valid_TK=routing.valid_TK)
-        routing_slots = routing
-        if not self.placement.is_identity:  # capacity decided per expert; now pick replicas
-            with timer.phase("permute"):
-                routing_slots = dataclasses.replace(routing, topk_idx_TK=slots_for_pairs(
-                    routing.topk_idx_TK, plan.kept_TK, *self._placement_tensors(x_TD.device)))
+            routing, capacity, plan = self._route(x_TD, x.shape[0] if x.dim() == 3 else 1)
+        slots = self._slots(routing, plan)
+        out_TD = self._run(x_TD, slots, plan)
+        with timer.phase("stats"):
+            stats = self._stats(plan, routing, capacity, x_TD.shape[0], slots)
+        out_TD = timer.mark(out_TD.to(x.dtype), "begin")
+        return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
+
+    def _route(self, x_TD: torch.Tensor, num_sequences: int):
+        """Router (scores, choices, losses) and the per-expert capacity decision."""
+        cfg = self.config
+        routing = self.router(x_TD, num_sequences=num_sequences, global_load=self.global_load)
+        capacity = cfg.capacity(x_TD.shape[0], self.training)
+        plan = plan_capacity(routing.topk_idx_TK, routing.topk_weight_TK, cfg.num_experts,
+                             capacity, cfg.drop_policy, valid_TK=routing.valid_TK)
+        return routing, capacity, plan
+
+    def _slots(self, routing, plan):
+        """The routing in physical slot ids (identity table: unchanged). Capacity was
+        decided per logical expert; here each kept pair picks one replica."""
+        if self.placement.is_identity:
+            return routing
+        with self.timer.phase("permute"):
+            return dataclasses.replace(routing, topk_idx_TK=slots_for_pairs(
+                routing.topk_idx_TK, plan.kept_TK, *self._placement_tensors(routing.topk_idx_TK.device)))
+
+    def _run(self, x_TD: torch.Tensor, slots, plan) -> torch.Tensor:
+        """dispatch -> experts -> combine (one dispatcher call) of the pairs routed to
+        ``slots``, plus the shared expert, computed while the dispatch exchange is in
+        flight when ``shared_expert_overlap``."""
         # Under autocast the experts compute in the autocast dtype anyway: cast the rows
         # before the exchange, so the all-to-all moves bf16 (half the bytes), not fp32.
         rows_TD = x_TD
-        if torch.is_autocast_enabled(x_TD.device.type) and x_TD.is_floating_point():
+        if torch.is_autocast_enabled(x_TD.device.type):
             rows_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         shared: dict[str, torch.Tensor] = {}
 
-        def shared_expert() -> None:  # while the dispatch exchange is in flight
-            with timer.phase("shared_expert"):
+        def shared_expert() -> None:
+            with self.timer.phase("shared_expert"):
                 shared["y"] = self.shared(rows_TD)
 
-        overlap = self.shared is not None and cfg.shared_expert_overlap
+        overlap = self.shared is not None and self.config.shared_expert_overlap
         # Collectives issued inside are labelled with this layer's name (error messages).
         with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:
-                out_TD = self.dispatcher.run(rows_TD, routing_slots, plan, self.experts,
+                out_TD = self.dispatcher.run(rows_TD, slots, plan, self.experts,
                                              concurrent=shared_expert if overlap else None)
             except NonFiniteRouterError as err:
                 raise NonFiniteRouterError(
                     f"{self.name} (forward call {self.forward_calls}): {err}") from None
-        if self.shared is not None:
-            if not overlap:
-                shared_expert()
-            out_TD = out_TD + shared["y"]
-        out_TD = out_TD.to(x.dtype)
-        with timer.phase("stats"):
-            stats = self._stats(plan, routing, capacity, num_tokens, routing_slots)
-        out_TD = timer.mark(out_TD, "begin")
-        return MoEOutput(output=out_TD.view(x.shape), aux_loss=routing.aux_loss, stats=stats)
+        if self.shared is None:
+            return out_TD
+        if not overlap:
+            shared_expert()
+        return out_TD + shared["y"]
 
     def _stats(self, plan, routing, capacity, num_tokens, routing_slots) -> MoEStats:
         device = plan.routed_E.device
