@@ -82,6 +82,10 @@ def cv_squared(v_E: torch.Tensor) -> torch.Tensor:
     return v_E.var(unbiased=False) / (v_E.mean().square() + CV_EPS)
 
 
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.special.erf(z * 0.7071067811865476))
+
+
 def noisy_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor,
                k: int) -> torch.Tensor:
     """Shazeer et al.'s smooth load estimator: ``sum_t P(expert e in token t's top k)``
@@ -95,9 +99,10 @@ def noisy_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: tor
     # If e is in the top k now, it stays there while it beats the (k+1)-th value;
     # otherwise it must beat the k-th.
     threshold_in_T1, threshold_out_T1 = top_TJ[:, k : k + 1], top_TJ[:, k - 1 : k]
-    normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)  # checks would sync on CUDA
-    prob_in_TE = normal.cdf((clean_TE - threshold_in_T1) / noise_std_TE)
-    prob_out_TE = normal.cdf((clean_TE - threshold_out_T1) / noise_std_TE)
+    # The standard normal CDF written out: torch.distributions.Normal builds its loc and
+    # scale with torch.tensor on the host (a host-to-device copy per forward on CUDA).
+    prob_in_TE = _normal_cdf((clean_TE - threshold_in_T1) / noise_std_TE)
+    prob_out_TE = _normal_cdf((clean_TE - threshold_out_T1) / noise_std_TE)
     return torch.where(noisy_TE > threshold_in_T1, prob_in_TE, prob_out_TE).sum(dim=0)
 
 
