@@ -118,15 +118,15 @@ class MoEConfig:
     the inter-node link once per destination node (to the rank with the sender's local
     index), then fans out over the node-local link; the combine sums per node before
     crossing back (needs ``ParallelGroups`` built with ``ranks_per_node``);
-    ``allgather``: for small token counts (decoding), every rank's tokens padded to
-    ``allgather_max_tokens`` are all-gathered, experts run on the rows routed to them, a
+    ``allgather``: for small token counts (decoding), every rank's tokens (padded to
+    the previous forward's largest count, rounded up to a power of two) are all-gathered, experts run on the rows routed to them, a
     reduce-scatter brings the sums home: two exchanges, no count exchange; ``auto``:
     ``allgather`` while the previous forward held at most ``allgather_max_tokens``
     tokens per rank, else ``flat`` (``moe/dispatchers/allgather.py``)."""
 
-    allgather_max_tokens: int = 32
-    """Tokens per rank the ``allgather`` / ``auto`` exchange pads to (a forward with more
-    runs the flat exchange). Default: the crossover ``benchmarks/decode_latency.py``
+    allgather_max_tokens: int = 256
+    """Most tokens per rank the ``allgather`` / ``auto`` exchange gathers (a forward with
+    more runs the flat exchange). Default: the crossover ``benchmarks/decode_latency.py``
     measured on the project's CPU machine (``benchmarks/results/decode_latency.md``)."""
 
     static_shapes: bool = False

@@ -28,6 +28,12 @@ per-rank token count of the previous forward was at most C, the flat path otherw
 flat count exchange carries each rank's T, so every rank holds the same history and
 takes the same path. The default C is the crossover measured by
 ``benchmarks/decode_latency.py`` on this project's CPU machine.
+
+Padding: both pad every rank's rows to the largest per-rank count the previous forward
+gathered, rounded up to a power of two (at most C; C before the first), not to C, so a
+decode batch pays for the rows it has. When some rank now holds more (but at most C),
+every rank sees it in the gathered headers and they all gather once more at the new
+size; a batch that keeps its size (decoding) gathers once.
 """
 
 from __future__ import annotations
@@ -67,15 +73,37 @@ class AllGatherDispatcher(Dispatcher):
         self.ep_size, self.group = flat.ep_size, flat.group
         self.num_experts, self.num_local = flat.num_experts, flat.num_local
         self.rank = torch.distributed.get_rank(self.group) if self.group is not None else 0
+        self.seen_max_tokens: Optional[int] = None
+        """Largest per-rank count of the last gather (the same on every rank)."""
+        self.last_pad: Optional[int] = None
+        """Rows per rank the last dispatch gathered (``None``: it ran the flat exchange)."""
 
     timer = InnerTimer("flat")
 
     def describe(self) -> str:
         return f"allgather(max_tokens={self.max_tokens})"
 
-    def gather(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
-        """Dispatch by all-gather; ``None`` when some rank holds more than C tokens."""
-        C, R, K, E, e = self.max_tokens, self.ep_size, routing.topk_idx_TK.shape[1], self.num_experts, self.num_local
+    def pad_size(self) -> int:
+        """Rows per rank of the next gather: the last seen count rounded up to a power of
+        two, at most ``max_tokens``."""
+        if self.seen_max_tokens is None:
+            return self.max_tokens
+        return min(self.max_tokens, 1 << max(0, self.seen_max_tokens - 1).bit_length())
+
+    def gather_adaptive(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
+        """:meth:`gather` padded to :meth:`pad_size`, once more at the right size when some
+        rank held more; ``None`` when some rank holds more than ``max_tokens``."""
+        size, self.last_pad = self.pad_size(), None
+        got = self.gather(x_TD, routing, plan, pad_to=size)
+        if got is None and size < self.max_tokens and self.seen_max_tokens <= self.max_tokens:
+            got = self.gather(x_TD, routing, plan, pad_to=self.pad_size())
+        return got
+
+    def gather(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan, pad_to: Optional[int] = None):
+        """Dispatch by all-gather, every rank's tokens padded to ``pad_to`` rows (default
+        ``max_tokens``; every rank must pass the same); ``None`` when some rank holds more."""
+        C = self.max_tokens if pad_to is None else pad_to
+        R, K, E, e = self.ep_size, routing.topk_idx_TK.shape[1], self.num_experts, self.num_local
         T, timer = x_TD.shape[0], self.timer
         D = x_TD.shape[-1]
         with timer.phase("permute"):
@@ -108,8 +136,10 @@ class AllGatherDispatcher(Dispatcher):
         flags = tuple(r for r in range(R) if host[e + 2 * r + 1])
         if flags and self.raise_on_nonfinite:
             raise NonFiniteRouterError(f"router logits are NaN/Inf on EP rank(s) {list(flags)}")
+        self.seen_max_tokens = max(tokens)
         if max(tokens) > C:
             return None
+        self.last_pad = C
         with timer.phase("permute"):
             order = torch.sort(local_NK.reshape(-1), stable=True).indices[: sum(counts_local)]
             rows_N = torch.div(order, K, rounding_mode="floor")
@@ -123,7 +153,7 @@ class AllGatherDispatcher(Dispatcher):
         return x_ND, meta
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
-        got = self.gather(x_TD, routing, plan)
+        got = self.gather_adaptive(x_TD, routing, plan)
         if got is None:
             CALL_COUNTS["allgather_fallback"] += 1
             return self.flat.dispatch(x_TD, routing, plan)
@@ -151,25 +181,27 @@ class AutoDispatcher(Dispatcher):
     def __init__(self, flat: AllToAllDispatcher, max_tokens: int, raise_on_nonfinite: bool = True) -> None:
         self.gathering = AllGatherDispatcher(flat, max_tokens, raise_on_nonfinite)
         self.flat = flat
-        self.previous_max_tokens: Optional[int] = None  # the same on every rank
 
     timer = InnerTimer("flat")
 
     def describe(self) -> str:
         return f"auto(allgather up to {self.gathering.max_tokens} tokens/rank, else all_to_all)"
 
-    def _use_gather(self) -> bool:
-        return self.previous_max_tokens is not None and self.previous_max_tokens <= self.gathering.max_tokens
+    @property
+    def previous_max_tokens(self) -> Optional[int]:
+        """Largest per-rank count of the previous forward (``None`` before the first)."""
+        return self.gathering.seen_max_tokens
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
-        if self._use_gather():
-            got = self.gathering.gather(x_TD, routing, plan)
+        previous, self.gathering.last_pad = self.previous_max_tokens, None
+        if previous is not None and previous <= self.gathering.max_tokens:
+            got = self.gathering.gather_adaptive(x_TD, routing, plan)
             if got is not None:
-                self.previous_max_tokens = self.gathering.last_max_tokens
                 return got
+        # The flat exchange carries each rank's T: every rank learns the same largest count.
         carry = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
         (chunk,) = self.flat.route(routing, plan, carry=carry)
-        self.previous_max_tokens = max(p[0] for p in chunk.peer_ints)
+        self.gathering.seen_max_tokens = max(p[0] for p in chunk.peer_ints)
         return self.flat.finish_dispatch(self.flat.start_dispatch(x_TD, chunk))
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMetadata) -> torch.Tensor:
