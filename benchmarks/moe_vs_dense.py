@@ -36,6 +36,7 @@ step at which the MoE first reached the dense model's final validation loss.
 
     nice -n 10 python benchmarks/moe_vs_dense.py --wide                   # EP 2 and 4
     python benchmarks/moe_vs_dense.py --tiny --out /tmp/mvd.json           # smoke size (tests)
+    python benchmarks/moe_vs_dense.py --replot benchmarks/results/moe_vs_dense.json  # PNG from JSON
 """
 
 from __future__ import annotations
@@ -371,34 +372,37 @@ def main(argv: list[str] | None = None) -> dict:
               "measured_load_shape": shape, "break_even_step_time_ratio": be, "sentence": sentence}
     md = _markdown(a, results, cluster, shape, be, sentence)
 
-    def plot(plt) -> None:
-        eps = sorted(runs)
-        fig, axes = plt.subplots(1, len(eps) + 1, figsize=(6 * (len(eps) + 1), 4.2))
-        for ax, ep in zip(axes, eps):
-            for r in (r for r in results if r["ep"] == ep):
-                ax.plot([v["train_s"] for v in r["val"]], [v["val_loss"] for v in r["val"]], marker="o", ms=3,
-                        label=f"{r['model']} ({r['step_ms_median']:.0f} ms/step)")
-            ax.set(title=f"EP={ep}: validation loss vs training wall time", xlabel="s (slowest rank, no eval)",
-                   ylabel="val loss (nats/byte)")
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        ax = axes[-1]
-        for phase, style in (("train", "-"), ("decode", "--")):
-            pts = [c for c in cluster if c["phase"] == phase]
-            ax.plot([c["gpus"] for c in pts], [c["moe_over_dense"] for c in pts], style, marker="o",
-                    label=f"{phase} ({pts[0]['tokens_per_gpu'] if pts else '?'} tok/GPU)")
-        if be:
-            ax.axhline(be, color="0.4", ls=":", label=f"break-even {be:.2f}x (measured loss gain)")
-        ax.axhline(1.0, color="0.8")
-        ax.set_xscale("log", base=2)
-        ax.set(title="predicted MoE / dense layer time (NVLink + IB)", xlabel="GPUs (EP size)", ylabel="ratio")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-
-    write_report(a.out, report, md, plot)
+    write_report(a.out, report, md, lambda plt: plot(plt, results, cluster, be))
     print("\n".join(md), flush=True)
     return report
+
+
+def plot(plt, results: list[dict], cluster: list[dict], be: float | None) -> None:
+    """Loss against wall time per EP size, and the cluster prediction (``--replot``
+    redraws it from a report's JSON)."""
+    eps = sorted({r["ep"] for r in results})
+    fig, axes = plt.subplots(1, len(eps) + 1, figsize=(6 * (len(eps) + 1), 4.2))
+    for ax, ep in zip(axes, eps):
+        for r in (r for r in results if r["ep"] == ep):
+            ax.plot([v["train_s"] for v in r["val"]], [v["val_loss"] for v in r["val"]], marker="o", ms=3,
+                    label=f"{r['model']} ({r['step_ms_median']:.0f} ms/step)")
+        ax.set(title=f"EP={ep}: validation loss vs training wall time", xlabel="s (slowest rank, no eval)",
+               ylabel="val loss (nats/byte)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for phase, style in (("train", "-"), ("decode", "--")):
+        pts = [c for c in cluster if c["phase"] == phase]
+        ax.plot([c["gpus"] for c in pts], [c["moe_over_dense"] for c in pts], style, marker="o",
+                label=f"{phase} ({pts[0]['tokens_per_gpu'] if pts else '?'} tok/GPU)")
+    if be:
+        ax.axhline(be, color="0.4", ls=":", label=f"break-even {be:.2f}x (measured loss gain)")
+    ax.axhline(1.0, color="0.8")
+    ax.set_xscale("log", base=2)
+    ax.set(title="predicted MoE / dense layer time (NVLink + IB)", xlabel="GPUs (EP size)", ylabel="ratio")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
 
 
 def _sentence(results: list[dict], cluster: list[dict], be: float | None, a: argparse.Namespace) -> str:
@@ -466,5 +470,26 @@ def _markdown(a, results, cluster, shape, be, sentence) -> list[str]:
     return md
 
 
+def replot(path: str) -> str:
+    """Redraw ``<stem>.png`` from a report's JSON (the measurements unchanged)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as fh:
+        r = json.load(fh)
+    plot(plt, r["results"], r["cluster_prediction"], r["break_even_step_time_ratio"])
+    png = os.path.splitext(path)[0] + ".png"
+    plt.savefig(png, dpi=90, bbox_inches="tight")
+    plt.close("all")
+    return png
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        print(replot(sys.argv[2]))
+    else:
+        main()
