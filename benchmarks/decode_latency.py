@@ -14,9 +14,14 @@ as ``launch/generate.py`` does (dropless; static shapes with eval capacity facto
 Each rank decodes its own ``B`` sequences: a prompt of ``--prompt-len`` bytes from the
 built-in corpus (prefill, not timed), then ``--new-tokens`` greedy tokens one position at
 a time through the KV cache. Per decode step every rank records its step time, each MoE
-layer's forward time (module hooks) and the layer's phases (``PhaseTimer``); per step the
-slowest rank's values count (a token is ready when every rank is). Points run interleaved
-in ``--rounds`` rounds (rotating order) against drift in the shared machine's load.
+layer's forward time (module hooks) and the layer's phases (``PhaseTimer``). Per step, the
+token latency is the slowest rank's step (a token is ready when every rank is); an MoE
+layer's latency is the shortest of the ranks' layer times, i.e. about the time of the rank
+that entered it last, which waits for no peer to arrive: the skew the attention and the
+scheduler leave between ranks is not charged to the layer (the slowest rank's layer time
+is reported beside it). Every point keeps its
+own KV cache, and all points advance one token at a time in rotating order (``--rounds``
+times, each with fresh prompts), so load bursts on the shared machine hit all alike.
 Reported: medians over steps and rounds; the phase breakdown is the mean per layer.
 
 Modes: flat all-to-all, overlap (2 chunks), static shapes (padded, no host sync),
@@ -31,7 +36,6 @@ nodes of 2 ranks). The crossover sweep sets allgather against flat at more batch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -61,8 +65,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ep-sizes", default="2,4")
     p.add_argument("--batches", default="1,8,64", help="sequences per rank (main table)")
-    p.add_argument("--crossover-batches", default="1,2,4,8,16,32,64,128",
+    p.add_argument("--crossover-batches", default="1,2,4,8,16,32,64,128,256,512,1024",
                    help="sequences per rank where allgather is set against flat")
+    p.add_argument("--crossover-margin", type=float, default=0.02,
+                   help="allgather must be faster than flat by more than this fraction (a tie is no win)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=24)
@@ -89,7 +95,7 @@ def _model_cfg(a: argparse.Namespace, kind: str):
     moe = MoEConfig(hidden_size=a.d_model, ffn_hidden_size=a.expert_ffn, num_experts=a.num_experts,
                     top_k=a.top_k, activation="gelu", capacity_factor=1.25, eval_capacity_factor=2.0)
     return ModelConfig(d_model=a.d_model, n_layers=a.n_layers, n_heads=4 if a.d_model % 4 == 0 else 1,
-                       seq_len=max(128, a.prompt_len + a.new_tokens + 1), moe=moe,
+                       seq_len=a.prompt_len + a.new_tokens + 1, moe=moe,  # KV cache for 1024 seqs fits
                        moe_every=0 if kind == "dense" else 1, dense_ffn_hidden=a.top_k * a.expert_ffn)
 
 
@@ -144,7 +150,9 @@ def _worker(rank: int, world: int, a: argparse.Namespace, points: list[dict]) ->
     models: dict = {}
 
     def model_for(pt: dict):
-        key = (pt["model"], pt["mode"], pt["batch"] if pt["mode"] == "allgather" else None)
+        # allgather and auto keep a history (the last gathered size): one model per batch,
+        # or the points of different batches, advancing in turn, would resize every step.
+        key = (pt["model"], pt["mode"], pt["batch"] if pt["mode"] in ("allgather", "auto") else None)
         if key not in models:
             cfg = _model_cfg(a, pt["model"])
             over = dict(MODES.get(pt["mode"], {}))
@@ -162,41 +170,46 @@ def _worker(rank: int, world: int, a: argparse.Namespace, points: list[dict]) ->
 
     gen = torch.Generator().manual_seed(1000 + rank)
     results = [{"steps": [], "layer": [], "phases": [], "drop": []} for _ in points]
-    order = list(range(len(points)))
     for rnd in range(a.rounds):
-        rot = (rnd * 7) % len(order)
-        for i in order[rot:] + order[:rot]:
-            pt = points[i]
+        # Prefill every point (not timed), then advance all of them one token at a time in
+        # rotating order: load bursts on the shared machine hit every point alike.
+        live = []
+        for i, pt in enumerate(points):
             model, timer, clock = model_for(pt)
             b = pt["batch"]
             starts = torch.randint(0, len(corpus) - a.prompt_len, (b,), generator=gen).tolist()
             prompt = torch.tensor([list(corpus[s:s + a.prompt_len]) for s in starts], dtype=torch.long)
             cache = KVCache.empty(model.cfg, b)
-            dist.barrier()
             with torch.no_grad(), prec.autocast("cpu"):
                 out = model(prompt, cache=cache)
-                tok = sample(out.logits[:, -1], 0.0, None, None).unsqueeze(1)
+            live.append([i, cache, sample(out.logits[:, -1], 0.0, None, None).unsqueeze(1)])
+        for step in range(a.new_tokens):
+            rot = (step + rnd) % len(live)
+            for item in live[rot:] + live[:rot]:
+                i, cache, tok = item
+                model, timer, clock = model_for(points[i])
                 timer.collect()
                 clock.take()
-                for _ in range(a.new_tokens):
+                dist.barrier()
+                with torch.no_grad(), prec.autocast("cpu"):
                     t0 = time.perf_counter()
                     out = model(tok, cache=cache)
-                    tok = sample(out.logits[:, -1], 0.0, None, None).unsqueeze(1)
+                    item[2] = sample(out.logits[:, -1], 0.0, None, None).unsqueeze(1)
                     dt = time.perf_counter() - t0
-                    layers = clock.take()
-                    phases = timer.collect()
-                    n = max(1, len(layers))
-                    per = {p: phases.get(p, 0.0) / n for p in ("router", "count_exchange", "dispatch_a2a",
-                                                                 "experts", "combine_a2a")}
-                    per["other"] = max(0.0, sum(layers) / n - sum(per.values()))
-                    res = results[i]
-                    res["steps"].append(dt)
-                    res["layer"].append(sum(layers) / n)
-                    res["phases"].append(per)
-                    if out.stats:
-                        routed = sum(float(s.routed_E.sum()) for s in out.stats.values())
-                        kept = sum(float(s.kept_E.sum()) for s in out.stats.values())
-                        res["drop"].append(1.0 - kept / routed if routed else 0.0)
+                layers = clock.take()
+                phases = timer.collect()
+                n = max(1, len(layers))
+                per = {p: phases.get(p, 0.0) / n for p in ("router", "count_exchange", "dispatch_a2a",
+                                                             "experts", "combine_a2a")}
+                per["other"] = max(0.0, sum(layers) / n - sum(per.values()))
+                res = results[i]
+                res["steps"].append(dt)
+                res["layer"].append(sum(layers) / n)
+                res["phases"].append(per)
+                if out.stats:
+                    routed = sum(float(s.routed_E.sum()) for s in out.stats.values())
+                    kept = sum(float(s.kept_E.sum()) for s in out.stats.values())
+                    res["drop"].append(1.0 - kept / routed if routed else 0.0)
     describe = {}
     for key, (m, _, _) in models.items():
         layer = next(iter(m.moe_layers().values()), None)
@@ -206,18 +219,23 @@ def _worker(rank: int, world: int, a: argparse.Namespace, points: list[dict]) ->
 
 def _summarize(point: dict, per_rank: list[dict]) -> dict:
     steps = [max(vals) for vals in zip(*(r["steps"] for r in per_rank))]
-    layer = [max(vals) for vals in zip(*(r["layer"] for r in per_rank))]
+    # A layer's own latency: the time of the rank that entered it last (it waits for no
+    # peer to arrive; the others' extra time is the skew the step before left behind).
+    layer = [min(vals) for vals in zip(*(r["layer"] for r in per_rank))]
+    layer_slowest = [max(vals) for vals in zip(*(r["layer"] for r in per_rank))]
     phases = {p: sum(ph[p] for r in per_rank for ph in r["phases"]) / sum(len(r["phases"]) for r in per_rank)
               for p in BREAKDOWN}
     drops = [d for r in per_rank for d in r["drop"]]
     return {**point, "token_ms": 1e3 * median(steps), "layer_ms": 1e3 * median(layer),
+            "layer_ms_slowest_rank": 1e3 * median(layer_slowest),
             "phases_ms": {p: 1e3 * v for p, v in phases.items()},
             "drop_fraction": sum(drops) / len(drops) if drops else 0.0, "samples": len(steps)}
 
 
-def crossover(rows: list[dict], ep: int) -> tuple[int, bool]:
+def crossover(rows: list[dict], ep: int, margin: float = 0.0) -> tuple[int, bool]:
     """Largest batch (tokens per rank) up to which allgather's MoE-layer latency is below
-    flat's at every swept batch; ``True`` when allgather won at every batch swept."""
+    flat's by more than ``margin`` (a fraction) at every swept batch; ``True`` when it won
+    at every batch swept."""
     pairs = {}
     for r in rows:
         if r["ep"] == ep and r["model"] == "moe" and r["mode"] in ("flat", "allgather"):
@@ -226,7 +244,7 @@ def crossover(rows: list[dict], ep: int) -> tuple[int, bool]:
     for b in sorted(pairs):
         if "flat" not in pairs[b] or "allgather" not in pairs[b]:
             continue
-        if pairs[b]["allgather"] < pairs[b]["flat"]:
+        if pairs[b]["allgather"] * (1.0 + margin) < pairs[b]["flat"]:
             best = b
         else:
             all_won = False
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append({"ep": ep, **_summarize(pt, [o[0]["results"][i] for o in out])})
         print(f"EP={ep}: {len(points)} points in {time.perf_counter() - t0:.0f}s", flush=True)
     eps = sorted({r["ep"] for r in rows})
-    cross = {str(ep): crossover(rows, ep) for ep in eps}
+    cross = {str(ep): crossover(rows, ep, a.crossover_margin) for ep in eps}
     chosen = min(c[0] for c in cross.values()) if cross else 0
     target = {}
     for ep in eps:
@@ -274,7 +292,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"k={a.top_k}, expert F={a.expert_ffn} GELU; dense FFN {a.top_k * a.expert_ffn}; {a.dtype}; "
           "gloo, 1 thread/rank)", "",
           "Per-token ms = one decode step of the whole model (slowest rank, median); MoE layer ms = one "
-          "MoE layer's forward (dense: one dense FFN); the breakdown is per layer (mean): router, count "
+          "MoE layer's forward (dense: one dense FFN), the shortest rank time (~ the rank that entered "
+          "last; median; the slowest rank's is in the JSON); the breakdown is per layer (mean): router, count "
           "exchange (incl. the host read), dispatch, experts, combine, other (permute, unpermute, stats, "
           "glue).", "",
           "| EP | batch/rank | model | mode | token ms | layer ms | router | count x | dispatch | experts | "
@@ -297,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
             if f and g:
                 md.append(f"| {ep} | {b} | {f['layer_ms']:.3f} | {g['layer_ms']:.3f} | "
                           f"{f['layer_ms'] / g['layer_ms']:.2f}x |")
-    md += [""] + [f"- EP={ep}: allgather is faster up to **{c[0]} tokens/rank**"
+    md += [""] + [f"- EP={ep}: allgather is faster (by more than {100 * a.crossover_margin:g}%) up to "
+                  f"**{c[0]} tokens/rank**"
                   + (" (at every batch swept)" if c[1] else "") for ep, c in cross.items()]
     md += [f"- crossover used for `MoEConfig.allgather_max_tokens` (the smaller over EP sizes): **{chosen}** "
            f"(current default: {report['allgather_max_tokens_default']})", "",
