@@ -119,8 +119,9 @@ class MoEConfig:
     index), then fans out over the node-local link; the combine sums per node before
     crossing back (needs ``ParallelGroups`` built with ``ranks_per_node``);
     ``allgather``: for small token counts (decoding), every rank's tokens (padded to
-    the previous forward's largest count, rounded up to a power of two) are all-gathered, experts run on the rows routed to them, a
-    reduce-scatter brings the sums home: two exchanges, no count exchange; ``auto``:
+    the previous forward's largest count, rounded up to a power of two) are
+    all-gathered, experts run on the rows routed to them, a reduce-scatter brings the
+    sums home: two exchanges, no count exchange; ``auto``:
     ``allgather`` while the previous forward held at most ``allgather_max_tokens``
     tokens per rank, else ``flat`` (``moe/dispatchers/allgather.py``)."""
 
