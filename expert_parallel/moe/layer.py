@@ -176,11 +176,14 @@ class MoELayer(nn.Module):
             rows_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         shared: dict[str, torch.Tensor] = {}
 
+        overlap = self.shared is not None and self.config.shared_expert_overlap
+        # Its backward-time mark (profiling/timer.py), except inside a multi-chunk pipeline,
+        # where the chunks' backwards carry no marks and this one would claim their time.
+        mark = not (overlap and self.config.overlap_chunks > 1)
+
         def shared_expert() -> None:
             with self.timer.phase("shared_expert"):
-                shared["y"] = self.shared(rows_TD)
-
-        overlap = self.shared is not None and self.config.shared_expert_overlap
+                shared["y"] = self.shared(self.timer.mark(rows_TD, "shared_expert") if mark else rows_TD)
         # Collectives issued inside are labelled with this layer's name (error messages).
         with comm_scope(f"MoE layer {self.name!r}", direction="forward"):
             try:

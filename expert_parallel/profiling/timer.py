@@ -26,11 +26,17 @@ after that forward phase::
                                                           (+ the rank->expert regroup)
     permute         x_TD before the row gather            the gather's index-add backward
     router          layer input x                         router backward + the weight path
+    shared_expert   the shared expert's input             the shared expert's backward (a
+                                                          branch: right after ``begin`` when it
+                                                          runs after the combine, between
+                                                          ``experts`` and ``dispatch_a2a`` when
+                                                          it overlaps the dispatch exchange)
 
 So ``dispatch_a2a`` backward time is the gradient exchange that undoes the dispatch (it
 moves the bytes the forward dispatch *received*, in the combine direction). ``count_exchange``
-has no backward. A segment whose start mark is not the expected predecessor (e.g. the
-pipelined overlap path, which drops no inner marks) is charged to ``unattributed``.
+has no backward. A segment whose start mark is not an expected predecessor (e.g. the
+pipelined overlap path with more than one chunk, which drops the inner marks: its chunks'
+backwards interleave) is charged to ``unattributed``.
 Marks on a tensor that does not require grad are skipped (then the segment merges with
 the next one and is charged to ``unattributed``).
 """
@@ -65,7 +71,13 @@ BACKWARD_MARKS = ("begin", "unpermute", "combine_a2a", "experts", "dispatch_a2a"
 A2A_PHASES = ("count_exchange", "dispatch_a2a", "combine_a2a")
 """Phases that are communication (their share of the step is the 'all-to-all share')."""
 
-_PREDECESSOR = {b: BACKWARD_MARKS[i - 1] for i, b in enumerate(BACKWARD_MARKS) if i > 0}
+_PREDECESSORS = {b: {BACKWARD_MARKS[i - 1]} for i, b in enumerate(BACKWARD_MARKS) if i > 0}
+# The shared expert (a branch beside the routed path, mark on its input): run after the
+# combine, its backward comes first (begin -> shared_expert -> unpermute); run while the
+# dispatch exchange is in flight, it comes between the experts and the dispatch exchange.
+_PREDECESSORS["shared_expert"] = {"begin", "experts"}
+_PREDECESSORS["unpermute"].add("shared_expert")
+_PREDECESSORS["dispatch_a2a"].add("shared_expert")
 _NULL_CONTEXT = contextlib.nullcontext()
 
 Stamp = Union[float, Any]  # perf_counter seconds on CPU, a recorded torch.cuda.Event on GPU
@@ -183,7 +195,7 @@ class PhaseTimer:
             if prev is None:
                 continue
             seconds = self._elapsed(prev[1], stamp)
-            name = boundary if _PREDECESSOR.get(boundary) == prev[0] else "unattributed"
+            name = boundary if prev[0] in _PREDECESSORS.get(boundary, ()) else "unattributed"
             out[name] += seconds
             out["total"] += seconds
             prev = None if boundary == "router" else (boundary, stamp)

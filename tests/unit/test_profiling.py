@@ -94,6 +94,25 @@ def test_bare_timer_attributes_the_backward_of_every_phase() -> None:
     assert "unattributed.bwd" not in phases
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_shared_expert_backward_is_its_own_segment(overlap: bool) -> None:
+    """The shared expert is a branch beside the routed path: run after the combine, its
+    backward comes first; overlapped with the dispatch exchange, between the experts and
+    the dispatch exchange. Either way every segment is attributed, its own included."""
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_hidden_size=32, num_experts=4, top_k=2,
+                               num_shared_experts=1, shared_expert_overlap=overlap), seed=1)
+    timer = PhaseTimer()
+    layer.set_timer(timer)
+    x = torch.randn(24, 16, requires_grad=True)
+    layer(x).output.square().sum().backward()
+    order = [m for m, _ in timer._marks]
+    routed = ["unpermute", "combine_a2a", "experts", "dispatch_a2a", "permute", "router"]
+    at = 3 if overlap else 0
+    assert order == ["begin"] + routed[:at] + ["shared_expert"] + routed[at:], order
+    phases = timer.collect()
+    assert phases["shared_expert.bwd"] > 0 and "unattributed.bwd" not in phases, phases
+
+
 def test_record_counts_match_layer_stats() -> None:
     layer = _layer(capacity_factor=0.75)
     prof = MoEProfiler({"moe": layer}, ParallelGroups.single(), ProfilerConfig(0, 1))

@@ -63,8 +63,9 @@ class AllToAllDispatcher(StagedDispatcher):
             self.timer, self.raise_on_nonfinite,
             local_extra=None if carry is None else (lambda bounds: ((), carry)))
 
-    def start_dispatch(self, x_TD: torch.Tensor, chunk: Chunk, in_flight: bool = False):
-        marks = not in_flight  # the pipelined schedule drops no inner marks (timer.py)
+    def start_dispatch(self, x_TD: torch.Tensor, chunk: Chunk, in_flight: bool = False,
+                       marks: Optional[bool] = None):
+        marks = not in_flight if marks is None else marks  # backward-time marks (timer.py)
         timer = self.timer
         with timer.phase("permute"):
             x_src = timer.mark(x_TD, "permute") if marks else x_TD
@@ -86,10 +87,11 @@ class AllToAllDispatcher(StagedDispatcher):
             input_splits=input_splits, output_splits=output_splits, counts_local=counts_local,
             unregroup_N=unregroup_N, nonfinite_ranks=chunk.nonfinite_ranks, out_dtype=dtype)
 
-    def start_combine(self, y_ND: torch.Tensor, meta: DispatchMetadata, in_flight: bool = False):
+    def start_combine(self, y_ND: torch.Tensor, meta: DispatchMetadata, in_flight: bool = False,
+                      marks: Optional[bool] = None):
         y_ND = ungroup(y_ND, meta.unregroup_N, self.timer)
         return send(y_ND, meta.input_splits, meta.output_splits, self.group, "combine_a2a",
-                    self.timer, in_flight), meta, not in_flight
+                    self.timer, in_flight), meta, not in_flight if marks is None else marks
 
     def finish_combine(self, pending) -> torch.Tensor:
         flight, meta, marks = pending

@@ -120,7 +120,8 @@ class Staged(Protocol):
     """The stages of an exchanging dispatcher, for schedules that interleave several
     batches (``overlapped.py``): one count exchange for all chunks, then each chunk's
     row exchanges issued and completed separately. ``in_flight`` starts an exchange
-    asynchronously; the matching ``finish_*`` waits for it."""
+    asynchronously; the matching ``finish_*`` waits for it. ``marks`` places the
+    backward-time marks (``profiling/timer.py``; default: when not in flight)."""
 
     timer: Any
 
@@ -128,11 +129,13 @@ class Staged(Protocol):
 
     def route(self, routing: Routing, plan: CapacityPlan, num_chunks: int) -> list: ...
 
-    def start_dispatch(self, x_TD: torch.Tensor, chunk: Any, in_flight: bool) -> Any: ...
+    def start_dispatch(self, x_TD: torch.Tensor, chunk: Any, in_flight: bool,
+                       marks: Optional[bool] = None) -> Any: ...
 
     def finish_dispatch(self, pending: Any) -> tuple[torch.Tensor, DispatchMetadata]: ...
 
-    def start_combine(self, y_ND: torch.Tensor, meta: DispatchMetadata, in_flight: bool) -> Any: ...
+    def start_combine(self, y_ND: torch.Tensor, meta: DispatchMetadata, in_flight: bool,
+                      marks: Optional[bool] = None) -> Any: ...
 
     def finish_combine(self, pending: Any) -> torch.Tensor: ...
 

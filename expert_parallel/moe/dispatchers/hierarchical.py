@@ -37,7 +37,7 @@ the experts compute another chunk; hop 2 is node-local and runs synchronously.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -132,12 +132,13 @@ class HierarchicalDispatcher(StagedDispatcher):
                             local_extra=lambda bounds: self._need(routing, plan, bounds))
 
     # -- dispatch: hop 1 in flight, then expand + hop 2 -----------------------------------
-    def start_dispatch(self, x_TD: torch.Tensor, chunk: Chunk, in_flight: bool = False):
+    def start_dispatch(self, x_TD: torch.Tensor, chunk: Chunk, in_flight: bool = False,
+                       marks: Optional[bool] = None):
         (counts_RR, uniq_RM), need_MT = chunk.extra
         L, M, me, T = self.L, self.num_nodes, self.groups.ep_rank, chunk.num_tokens
         m, i = divmod(me, L)
         device = x_TD.device
-        if not in_flight:  # backward-time marks (profiling only): the gather is in the hop
+        if (not in_flight if marks is None else marks):  # backward-time marks: the gather is in the hop
             x_TD = self.timer.mark(self.timer.mark(x_TD, "permute"), "dispatch_a2a")
         with self.timer.phase("permute"):
             uniq_send = tuple(int(u) for u in uniq_RM[me])
@@ -208,7 +209,8 @@ class HierarchicalDispatcher(StagedDispatcher):
             unregroup_N=unregroup_N, nonfinite_ranks=chunk.nonfinite_ranks, out_dtype=dtype, route=route)
 
     # -- combine: hop 2 back, reduce per (node, token) on the relay, hop 1 back -----------
-    def start_combine(self, y_ND: torch.Tensor, meta: DispatchMetadata, in_flight: bool = False):
+    def start_combine(self, y_ND: torch.Tensor, meta: DispatchMetadata, in_flight: bool = False,
+                      marks: Optional[bool] = None):
         r, timer = meta.route, self.timer
         y_ND = ungroup(y_ND, meta.unregroup_N, timer)
         y_QD = receive(send(y_ND, r.intra_send, r.intra_recv, self.groups.intra_group, "combine_a2a",
@@ -219,7 +221,7 @@ class HierarchicalDispatcher(StagedDispatcher):
             z_VD = z_VD.index_add(0, r.index_Q, y_QD.to(acc) * r.weight_Q.unsqueeze(-1)).to(y_QD.dtype)
         flight = send(z_VD, r.uniq_send, r.uniq_recv, self.groups.inter_group, "combine_a2a", timer,
                       in_flight)
-        return flight, meta, not in_flight
+        return flight, meta, not in_flight if marks is None else marks
 
     def finish_combine(self, pending) -> torch.Tensor:
         flight, meta, marks = pending

@@ -47,15 +47,19 @@ def pipelined_run(inner: Staged, x_TD: torch.Tensor, routing: Routing, plan: Cap
     only the concurrent work overlapping it)."""
     timer = inner.timer
     chunks = inner.route(routing, plan, num_chunks)
-    dispatches = [inner.start_dispatch(x_TD, chunk, in_flight=True) for chunk in chunks]
+    # Backward-time marks only with one chunk: several chunks' backwards interleave.
+    marks = len(chunks) == 1
+    dispatches = [inner.start_dispatch(x_TD, chunk, in_flight=True, marks=marks) for chunk in chunks]
     if concurrent is not None:
         concurrent()
     combines = []
     for pending in dispatches:
         x_ND, meta = inner.finish_dispatch(pending)
+        x_ND = timer.mark(x_ND, "experts") if marks else x_ND
         with timer.phase("experts"):
             y_ND = experts(x_ND, meta.counts_local)
-        combines.append(inner.start_combine(y_ND, meta, in_flight=num_chunks > 1))
+        y_ND = timer.mark(y_ND, "combine_a2a") if marks else y_ND
+        combines.append(inner.start_combine(y_ND, meta, in_flight=num_chunks > 1, marks=marks))
     outs = [inner.finish_combine(pending) for pending in combines]
     # Chunks are contiguous and in order, so their outputs stack into out_TD.
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
