@@ -39,9 +39,12 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0,
 
 
 @atexit.register
-def _close_pools() -> None:
-    for pool in _POOLS.values():
-        pool.close()
+def close_pools() -> None:
+    """Stop every pooled rank (a later ``run_ranks`` starts a new pool). Idle pooled ranks
+    still cost CPU (gloo's background threads), so the suite closes them when it leaves
+    a test folder (``tests/conftest.py``)."""
+    while _POOLS:
+        _POOLS.popitem()[1].close()
 
 
 HOST_READS = ("tolist", "item", "__int__", "__float__", "__bool__", "cpu", "numpy")
