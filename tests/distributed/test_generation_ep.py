@@ -34,8 +34,8 @@ def _prompts(rank: int) -> torch.Tensor:
 def _worker(rank: int, world: int, overrides: dict) -> tuple:
     model = MoETransformer(_cfg(overrides), ParallelGroups.build(world), seed=5)
     tokens = generate(model, _prompts(rank), NEW_TOKENS).tokens_BN
-    # The all-gather path records the largest per-rank count it gathered (2 sequences).
-    gathered = [getattr(getattr(l.dispatcher, "gathering", l.dispatcher), "last_max_tokens", None)
+    # The all-gather path records the largest per-rank count it last saw (2 sequences).
+    gathered = [getattr(getattr(l.dispatcher, "gathering", l.dispatcher), "seen_max_tokens", None)
                 for l in model.moe_layers().values()]
     return tokens, gathered
 

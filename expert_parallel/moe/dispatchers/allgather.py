@@ -149,7 +149,6 @@ class AllGatherDispatcher(Dispatcher):
                                 output_splits=tuple(splits), counts_local=counts_local, unregroup_N=None,
                                 nonfinite_ranks=flags, out_dtype=x_TD.dtype,
                                 route=GatherRoute(rows_N, weight_N, C, T))
-        self.last_max_tokens = max(tokens)
         return x_ND, meta
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan):
