@@ -350,11 +350,16 @@ def write_report(out: str, report: dict, markdown: list[str],
     with open(stem + ".md", "w") as fh:
         fh.write("\n".join(markdown) + "\n")
     if plot is not None:
-        import matplotlib
+        save_plot(stem + ".png", plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        plot(plt)
-        plt.savefig(stem + ".png", dpi=90, bbox_inches="tight")
-        plt.close("all")
+def save_plot(png: str, plot: Callable[[Any], None]) -> None:
+    """``plot(pyplot)`` drawn off-screen and saved to ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot(plt)
+    plt.savefig(png, dpi=90, bbox_inches="tight")
+    plt.close("all")

@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks._common import environment, median, spawn, write_report  # noqa: E402
+from benchmarks._common import environment, median, save_plot, spawn, write_report  # noqa: E402
 from benchmarks.cluster_model import Links, exchange_time, expert_shares  # noqa: E402
 
 EXCHANGES = ("count_exchange", "dispatch_a2a", "combine_a2a")
@@ -474,17 +474,10 @@ def replot(path: str) -> str:
     """Redraw ``<stem>.png`` from a report's JSON (the measurements unchanged)."""
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     with open(path) as fh:
         r = json.load(fh)
-    plot(plt, r["results"], r["cluster_prediction"], r["break_even_step_time_ratio"])
     png = os.path.splitext(path)[0] + ".png"
-    plt.savefig(png, dpi=90, bbox_inches="tight")
-    plt.close("all")
+    save_plot(png, lambda plt: plot(plt, r["results"], r["cluster_prediction"], r["break_even_step_time_ratio"]))
     return png
 
 
