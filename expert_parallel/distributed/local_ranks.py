@@ -34,15 +34,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank: int, world: int, tmpdir: str, threads: int, group_timeout_s: float,
-               fn: Callable, args: tuple) -> None:
+def _check_world(world: Any) -> None:
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive int, got {world!r}")
+
+
+def _join_group(rank: int, world: int, store: str, threads: int, group_timeout_s: float) -> None:
+    """This process as gloo rank ``rank`` of ``world`` (file-store rendezvous at ``store``),
+    with the launcher environment a torchrun rank would see."""
     torch.set_num_threads(threads)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world)})
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=group_timeout_s))
+
+
+def _rank_main(rank: int, world: int, tmpdir: str, threads: int, group_timeout_s: float,
+               fn: Callable, args: tuple) -> None:
     path = os.path.join(tmpdir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{tmpdir}/store", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=group_timeout_s))
+        _join_group(rank, world, f"{tmpdir}/store", threads, group_timeout_s)
         torch.save({"ok": True, "result": fn(rank, world, *args)}, path)
     except BaseException:  # noqa: BLE001 - hand every failure to the parent
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
@@ -59,8 +70,7 @@ def run_local_ranks(fn: Callable, world: int, *args: Any, threads: int = 1, time
     each rank's intra-op threads; ``group_timeout_s`` bounds every collective. Results are
     read back with ``torch.load(weights_only=True)``: tensors, containers and primitives,
     plus the classes in ``safe_types`` (e.g. ``MoEStats``); nothing else is unpickled."""
-    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-        raise ValueError(f"world must be a positive int, got {world!r}")
+    _check_world(world)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmpdir:
         procs = [ctx.Process(target=_rank_main, daemon=True,
@@ -99,11 +109,7 @@ def _pool_main(rank: int, world: int, store: str, threads: int, group_timeout_s:
                tasks: Any, results: Any) -> None:
     from .collectives import CALL_COUNTS
 
-    torch.set_num_threads(threads)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world)})
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=group_timeout_s))
+    _join_group(rank, world, store, threads, group_timeout_s)
     world_state = dist.distributed_c10d._world
     try:
         while True:
@@ -133,8 +139,7 @@ class LocalRankPool:
 
     def __init__(self, world: int, threads: int = 1, group_timeout_s: float = 60.0,
                  safe_types: Sequence[type] = ()) -> None:
-        if isinstance(world, bool) or not isinstance(world, int) or world < 1:
-            raise ValueError(f"world must be a positive int, got {world!r}")
+        _check_world(world)
         self.world, self.threads, self.group_timeout_s = world, threads, group_timeout_s
         self.safe_types = list(safe_types)
         self.procs: list = []
