@@ -299,6 +299,40 @@ def precisions(choice: str, device: str = "cpu") -> list[Precision]:
     return [resolve_precision(choice, device)]
 
 
+class ModuleClock:
+    """Wall time of the hooked modules: every forward call's seconds, and (``backward``)
+    their backward seconds summed, until :meth:`take`."""
+
+    def __init__(self, modules, backward: bool = False) -> None:
+        self.forward_s: list[float] = []
+        self.backward_s = 0.0
+        self._t = self._tb = 0.0
+        for m in modules:
+            m.register_forward_pre_hook(self._f0)
+            m.register_forward_hook(self._f1)
+            if backward:
+                m.register_full_backward_pre_hook(self._b0)
+                m.register_full_backward_hook(self._b1)
+
+    def _f0(self, *_) -> None:
+        self._t = time.perf_counter()
+
+    def _f1(self, *_) -> None:
+        self.forward_s.append(time.perf_counter() - self._t)
+
+    def _b0(self, *_) -> None:
+        self._tb = time.perf_counter()
+
+    def _b1(self, *_) -> None:
+        self.backward_s += time.perf_counter() - self._tb
+
+    def take(self) -> tuple[list[float], float]:
+        """(forward seconds per call, backward seconds) since the last take."""
+        out = self.forward_s, self.backward_s
+        self.forward_s, self.backward_s = [], 0.0
+        return out
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)

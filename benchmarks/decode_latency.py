@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks._common import environment, median, precisions, spawn, write_report  # noqa: E402
+from benchmarks._common import ModuleClock, environment, median, precisions, spawn, write_report  # noqa: E402
 from expert_parallel import MoEConfig  # noqa: E402
 
 BREAKDOWN = ("router", "count_exchange", "dispatch_a2a", "experts", "combine_a2a", "other")
@@ -114,27 +114,6 @@ def _points(a: argparse.Namespace, ep: int) -> list[dict]:
     return pts
 
 
-class _LayerClock:
-    """Forward time of each hooked module, appended per call."""
-
-    def __init__(self, modules) -> None:
-        self.times: list[float] = []
-        for m in modules:
-            m.register_forward_pre_hook(self._start)
-            m.register_forward_hook(self._stop)
-        self._t0 = 0.0
-
-    def _start(self, module, args) -> None:
-        self._t0 = time.perf_counter()
-
-    def _stop(self, module, args, out) -> None:
-        self.times.append(time.perf_counter() - self._t0)
-
-    def take(self) -> list[float]:
-        out, self.times = self.times, []
-        return out
-
-
 def _worker(rank: int, world: int, a: argparse.Namespace, points: list[dict]) -> list[dict]:
     from expert_parallel.distributed.groups import ParallelGroups
     from expert_parallel.inference.loader import build_model
@@ -164,7 +143,7 @@ def _worker(rank: int, world: int, a: argparse.Namespace, points: list[dict]) ->
             for layer in m.moe_layers().values():
                 layer.set_timer(timer)
             ffn = [b.ffn for b in m.layers if isinstance(b.ffn, DenseFFN)]
-            clock = _LayerClock(list(m.moe_layers().values()) or ffn)
+            clock = ModuleClock(list(m.moe_layers().values()) or ffn)
             models[key] = (m, timer, clock)
         return models[key]
 
@@ -196,7 +175,7 @@ def _worker(rank: int, world: int, a: argparse.Namespace, points: list[dict]) ->
                     out = model(tok, cache=cache)
                     item[2] = sample(out.logits[:, -1], 0.0, None, None).unsqueeze(1)
                     dt = time.perf_counter() - t0
-                layers = clock.take()
+                layers = clock.take()[0]
                 phases = timer.collect()
                 n = max(1, len(layers))
                 per = {p: phases.get(p, 0.0) / n for p in ("router", "count_exchange", "dispatch_a2a",

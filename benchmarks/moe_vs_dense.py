@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from benchmarks._common import environment, median, save_plot, spawn, write_report  # noqa: E402
+from benchmarks._common import ModuleClock, environment, median, save_plot, spawn, write_report  # noqa: E402
 from benchmarks.cluster_model import Links, exchange_time, expert_shares  # noqa: E402
 
 EXCHANGES = ("count_exchange", "dispatch_a2a", "combine_a2a")
@@ -119,34 +119,10 @@ def ffn_params(a: argparse.Namespace, name: str) -> dict:
     return {"total": a.num_experts * 2 * d * f, "active": k * 2 * d * f}
 
 
-class _Clock:
-    """Forward and backward seconds of hooked modules, accumulated until :meth:`take`."""
-
-    def __init__(self, modules) -> None:
-        self.fwd = self.bwd = 0.0
-        for m in modules:
-            m.register_forward_pre_hook(self._f0)
-            m.register_forward_hook(self._f1)
-            m.register_full_backward_pre_hook(self._b0)
-            m.register_full_backward_hook(self._b1)
-        self._t = self._tb = 0.0
-
-    def _f0(self, *_):
-        self._t = time.perf_counter()
-
-    def _f1(self, *_):
-        self.fwd += time.perf_counter() - self._t
-
-    def _b0(self, *_):
-        self._tb = time.perf_counter()
-
-    def _b1(self, *_):
-        self.bwd += time.perf_counter() - self._tb
-
-    def take(self) -> float:
-        out = self.fwd + self.bwd
-        self.fwd = self.bwd = 0.0
-        return out
+def _seconds(clock: ModuleClock) -> float:
+    """Forward + backward seconds of ``clock``'s modules since the last take."""
+    forward_s, backward_s = clock.take()
+    return sum(forward_s) + backward_s
 
 
 def _worker(rank: int, world: int, a: argparse.Namespace, specs: dict[str, dict]) -> dict:
@@ -165,8 +141,8 @@ def _worker(rank: int, world: int, a: argparse.Namespace, specs: dict[str, dict]
                           out=os.path.join(tmp, name), **spec).with_parallel(world, world)
         tr = Trainer(cfg, groups, torch.device("cpu"))
         trainers[name] = tr
-        clocks[name] = (_Clock([b.attn for b in tr.model.layers]),
-                        _Clock([b.ffn for b in tr.model.layers if isinstance(b.ffn, DenseFFN)]))
+        clocks[name] = (ModuleClock([b.attn for b in tr.model.layers], backward=True),
+                        ModuleClock([b.ffn for b in tr.model.layers if isinstance(b.ffn, DenseFFN)], backward=True))
     out = {name: {"steps": [], "val": [], "precision": tr.precision.name, "dispatcher": tr.dispatch}
            for name, tr in trainers.items()}
     routed: dict[str, list[float]] = {}
@@ -198,7 +174,7 @@ def _worker(rank: int, world: int, a: argparse.Namespace, specs: dict[str, dict]
                 routed_kept[1] += float(s.kept_E.double().sum())
             out[name]["steps"].append({
                 "step_s": dt, "slowest_step_s": float(t), "loss": res.loss, "phases": phases,
-                "attention_s": attn.take(), "dense_ffn_s": ffn.take(),
+                "attention_s": _seconds(attn), "dense_ffn_s": _seconds(ffn),
                 "drop_fraction": 1.0 - routed_kept[1] / routed_kept[0] if routed_kept[0] else 0.0})
             if tr.step % a.eval_every == 0 or tr.step == a.steps:
                 out[name]["val"].append({"step": tr.step, "train_s": elapsed[name], "val_loss": tr.evaluate()})
