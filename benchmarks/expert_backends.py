@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{be} b = {per_expert[d][be]['ms_per_local_expert']:.2f} ms/expert (a = "
             f"{per_expert[d][be]['ms_intercept']:.0f} ms)" for be in BACKENDS) + ".")
         md.append("")
-    md += [f"Sum over every point of CPU time / the point's best: "
+    md += ["Sum over every point of CPU time / the point's best: "
            + ", ".join(f"{be} {v:.3f}" for be, v in totals.items())
            + f" (1.0 per point = always best). **auto on this device: `{pick}`** "
            f"(`moe/experts.py: AUTO_BACKEND` = {dict(AUTO_BACKEND)}).",

@@ -30,7 +30,6 @@ each rank owns its accelerator (the cluster-model rows show that case).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -57,7 +56,7 @@ def zipf_shares(num_experts: int, exponent: float, seed: int) -> list[float]:
 def rigged_batch(layer: MoELayer, shares: list[float], tokens: int, seed: int) -> torch.Tensor:
     """Tokens whose two largest router logits are two distinct Zipf-drawn experts."""
     gen = torch.Generator().manual_seed(seed)
-    E, D = len(shares), layer.config.hidden_size
+    D = layer.config.hidden_size
     p = torch.tensor(shares, dtype=torch.float64)
     first = torch.multinomial(p, tokens, replacement=True, generator=gen)
     q = p.unsqueeze(0).repeat(tokens, 1)
