@@ -177,11 +177,10 @@ class MoELayer(nn.Module):
         shared: dict[str, torch.Tensor] = {}
 
         overlap = self.shared is not None and self.config.shared_expert_overlap
-        # Its backward-time mark (profiling/timer.py), except inside a multi-chunk pipeline,
-        # where the chunks' backwards carry no marks and this one would claim their time.
-        mark = not (overlap and self.config.overlap_chunks > 1)
 
-        def shared_expert() -> None:
+        def shared_expert(mark: bool = True) -> None:
+            # ``mark``: its backward-time mark (profiling/timer.py); the dispatcher says no
+            # inside a multi-chunk pipeline, whose backward carries no marks.
             with self.timer.phase("shared_expert"):
                 shared["y"] = self.shared(self.timer.mark(rows_TD, "shared_expert") if mark else rows_TD)
         # Collectives issued inside are labelled with this layer's name (error messages).

@@ -207,7 +207,7 @@ class AutoDispatcher(Dispatcher):
         return self.gathering.combine(y_ND, meta)
 
     def run(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan, experts: ExpertFn,
-            concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+            concurrent: Optional[Callable[[bool], Any]] = None) -> torch.Tensor:
         return Dispatcher.run(self, x_TD, routing, plan, experts, concurrent)
 
 

@@ -85,15 +85,17 @@ class Dispatcher(abc.ABC):
         """Bring expert outputs home; weighted fp32 sum per token, ``out_TD``."""
 
     def run(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
-            experts: ExpertFn, concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+            experts: ExpertFn, concurrent: Optional[Callable[[bool], Any]] = None) -> torch.Tensor:
         """dispatch -> experts -> combine. Returns ``out_TD`` (dtype of ``x_TD``).
 
         ``concurrent`` (e.g. the shared expert) is called once, while the dispatch
         exchange is in flight where the sibling can issue it asynchronously (flat,
-        hierarchical, overlapped), else between dispatch and experts."""
+        hierarchical, overlapped), else between dispatch and experts; its argument says
+        whether this schedule places backward-time marks (``profiling/timer.py``), so
+        the concurrent work places its own alike."""
         x_ND, meta = self.dispatch(x_TD, routing, plan)
         if concurrent is not None:
-            concurrent()
+            concurrent(True)
         # Backward-time marks (identity; only with an enabled timer): profiling/timer.py.
         x_ND = self.timer.mark(x_ND, "experts")
         with self.timer.phase("experts"):

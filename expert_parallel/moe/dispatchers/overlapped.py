@@ -52,7 +52,7 @@ class OverlappedDispatcher(Dispatcher):
         return self.inner.combine(y_ND, meta)
 
     def run(self, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
-            experts: ExpertFn, concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+            experts: ExpertFn, concurrent: Optional[Callable[[bool], Any]] = None) -> torch.Tensor:
         return pipelined_run(self.inner, x_TD, routing, plan, experts, self.num_chunks, concurrent)
 
 

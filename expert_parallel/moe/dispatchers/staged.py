@@ -41,7 +41,7 @@ class StagedDispatcher(Dispatcher):
 
 def pipelined_run(inner: Staged, x_TD: torch.Tensor, routing: Routing, plan: CapacityPlan,
                   experts: ExpertFn, num_chunks: int,
-                  concurrent: Optional[Callable[[], Any]] = None) -> torch.Tensor:
+                  concurrent: Optional[Callable[[bool], Any]] = None) -> torch.Tensor:
     """The schedule drawn in ``overlapped.py`` over ``inner``'s stages; ``concurrent`` runs
     once every dispatch exchange is in flight (``num_chunks=1``: plain dispatch, with
     only the concurrent work overlapping it)."""
@@ -51,7 +51,7 @@ def pipelined_run(inner: Staged, x_TD: torch.Tensor, routing: Routing, plan: Cap
     marks = len(chunks) == 1
     dispatches = [inner.start_dispatch(x_TD, chunk, in_flight=True, marks=marks) for chunk in chunks]
     if concurrent is not None:
-        concurrent()
+        concurrent(marks)
     combines = []
     for pending in dispatches:
         x_ND, meta = inner.finish_dispatch(pending)
